@@ -1,0 +1,28 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` the whole suite.
+# Each creates .venv in the checkout and installs what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL ?= tiny
+
+.PHONY: demo test bench-encoder clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# on the project's machines this takes the local CPU wheel; elsewhere PyPI's build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/osum transcribe osum/assets/arctic_a0007.wav --model $(MODEL) --task asr+age+gender --max-new-tokens 40
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+bench-encoder: $(VENV)/.installed
+	$(BIN)/python load_tests/bench_encoder.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

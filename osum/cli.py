@@ -1,0 +1,120 @@
+"""``osum``: offline transcription and tagging from the command line.
+
+    osum transcribe FILE... [--task NAME] [--model NAME|DIR|infer.pt] [--json]
+    osum tasks
+    osum sample            # path of the bundled sample clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import OsumError
+
+__all__ = ["main", "SAMPLE_CLIP"]
+
+SAMPLE_CLIP = Path(__file__).parent / "assets" / "arctic_a0007.wav"  # CMU ARCTIC, real male speech
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osum", description="OSUM speech understanding, offline.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("transcribe", help="transcribe and tag audio files (wav/flac/ogg, any rate, <= 30 s each)")
+    t.add_argument("files", nargs="+", type=Path)
+    t.add_argument("--task", default="asr", help="asr, srwt, ved, ser, ssr, sgc, sap, sttc or a combined task (see `osum tasks`)")
+    t.add_argument("--model", default="osum-mini", help="tiny, osum-mini, osum, a model directory, or an infer.pt path")
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    t.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    t.add_argument("--osum-decoding", action="store_true", help="OSUM's released beam-sampling settings (seeded)")
+    t.add_argument("--max-new-tokens", type=int, default=400)
+    t.add_argument("--json", action="store_true", help="one JSON object per file")
+    sub.add_parser("tasks", help="list the tasks with their prompts and labels")
+    sub.add_parser("sample", help="print the path of the bundled sample clip")
+    return p
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from .audio import load_audio
+    from .decoding import DecodingOptions
+    from .inference import recognize
+    from .loading import load_model
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    if args.osum_decoding:
+        options = DecodingOptions.osum_paper()
+    else:
+        options = DecodingOptions(beam_size=args.beam, max_new_tokens=args.max_new_tokens)
+    t0 = time.perf_counter()
+    model = load_model(args.model, args.device)
+    logging.getLogger("osum").info("loaded %s in %.1f s", model.cfg.name, time.perf_counter() - t0)
+    status = 0
+    for f in args.files:
+        try:
+            audio = load_audio(f)
+            t1 = time.perf_counter()
+            res = recognize(model, [audio], task, options)[0]
+            elapsed = time.perf_counter() - t1
+        except OsumError as e:
+            status = 1
+            if args.json:
+                print(json.dumps({"file": str(f), "error": {"code": e.code, "message": str(e)}}, ensure_ascii=False))
+            else:
+                print(f"{f}: error [{e.code}]: {e}", file=sys.stderr)
+            continue
+        if args.json:
+            d = res.to_dict() | {"file": str(f), "model": model.cfg.name, "seconds": round(elapsed, 3)}
+            print(json.dumps(d, ensure_ascii=False))
+            continue
+        print(f"{f} ({res.duration:.1f} s audio, {elapsed:.2f} s, model {model.cfg.name}, task {task.name})")
+        if res.transcript is not None:
+            conf = f"  [confidence {res.confidence:.2f}]" if res.confidence is not None else ""
+            print(f"  transcript: {res.transcript}{conf}")
+        for tag in res.tags:
+            score = f" ({tag.score:.2f})" if tag.score is not None else ""
+            mark = "" if tag.valid else "  [not a valid label]"
+            print(f"  {tag.kind}: {tag.label or '-'}{score}{mark}")
+        for w in res.words or ():
+            print(f"  {w.start:6.2f}-{w.end:6.2f}  {w.text}")
+        if res.answer is not None:
+            print(f"  reply: {res.answer}")
+        for p in res.problems:
+            print(f"  problem: {p}")
+        if res.truncated:
+            print("  problem: output cut at --max-new-tokens")
+    return status
+
+
+def _tasks() -> int:
+    from .tasks import LABELS, TASKS
+
+    for t in TASKS.values():
+        print(f"{t.name:22} {t.key}")
+        print(f"{'':22} prompt: {t.prompt}")
+        for kind in t.tags:
+            print(f"{'':22} {kind}: {', '.join(LABELS[kind])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "transcribe":
+            return _transcribe(args)
+        if args.command == "tasks":
+            return _tasks()
+        print(SAMPLE_CLIP)
+        return 0
+    except OsumError as e:
+        print(f"osum: error [{e.code}]: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

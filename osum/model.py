@@ -1,0 +1,181 @@
+"""The OSUM model: Whisper encoder -> adapter -> projection -> Qwen2 with speech spliced in.
+
+Submodule names are the top-level key prefixes of OSUM's checkpoint (``encoder``,
+``down_sample_2``, ``speech_transformer``, ``speech_llama_proj``, and the boundary
+table ``speech_token_emded``, misspelt as in the original), except the LLM, which is
+transformers' ``Qwen2ForCausalLM`` under ``llm`` with LoRA already merged.
+
+The model holds weights only. Streaming state (:class:`SpeechStreamCache`) goes in
+and comes back out of :meth:`OsumModel.encode_chunk`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import AdapterCache, CausalConvSubsampling4, SpeechTransformer, subsampled_length
+from .config import OsumConfig
+from .encoder import EncoderCache, WhisperEncoder
+from .errors import InvalidConfigError
+
+__all__ = ["OsumModel", "SpeechStreamCache", "SplicedInputs", "build_llm"]
+
+
+def build_llm(cfg: OsumConfig) -> nn.Module:
+    """transformers' Qwen2ForCausalLM at the configured size (weights uninitialised if on meta)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    llm_cfg = Qwen2Config(**cfg.llm)
+    llm_cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(llm_cfg)
+
+
+@dataclass
+class SpeechStreamCache:
+    """One stream's encoder + adapter state (device tensors; never serialised)."""
+
+    encoder: EncoderCache
+    adapter: AdapterCache
+
+    def nbytes(self) -> int:
+        return self.encoder.nbytes() + self.adapter.nbytes()
+
+
+@dataclass
+class SplicedInputs:
+    """LLM inputs for a batch, left-padded: [pad, prompt, speech-begin, speech, speech-end, text]."""
+
+    embeds: torch.Tensor  # (B, S, d_llm)
+    attention_mask: torch.Tensor  # (B, S), 1 on real positions
+    position_ids: torch.Tensor  # (B, S), 0 at each row's first real position
+
+
+class OsumModel(nn.Module):
+    def __init__(self, cfg: OsumConfig, llm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        enc, ada = cfg.encoder, cfg.adapter
+        self.encoder = WhisperEncoder(enc)
+        self.down_sample_2 = CausalConvSubsampling4(enc.d_model, ada.d_model)
+        self.speech_transformer = SpeechTransformer(ada)
+        self.speech_llama_proj = nn.Linear(ada.d_model, cfg.llm_dim)
+        self.speech_token_emded = nn.Embedding(cfg.speech_token_num + 2, cfg.llm_dim)
+        self.llm = llm if llm is not None else build_llm(cfg)
+        self.tokenizer: Any = None  # set by osum.loading
+
+    # ---- devices and dtypes ----------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.speech_llama_proj.weight.device
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def place(self, device: str | torch.device) -> OsumModel:
+        """Move to ``device``: fp32 on CPU; on CUDA the LLM in bf16, encoder and adapter fp32 (as OSUM)."""
+        device = torch.device(device)
+        for name, child in self.named_children():
+            if name != "llm":
+                child.to(device=device, dtype=torch.float32)
+        self.llm.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return self.eval()
+
+    # ---- speech -> LLM embeddings ----------------------------------------------------
+
+    def encode_speech(
+        self,
+        mel: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+        left_chunks: int = -1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-context encoding of whole utterances (what offline OSUM does).
+
+        Args:
+            mel: (B, n_mels, T) right-padded OSUM log-mel; lengths: (B,) valid frames.
+            chunk_size, left_chunks: apply the block-causal masks that :meth:`encode_chunk`
+                implies instead of full attention (the offline reference for streaming).
+        Returns:
+            speech embeddings (B, L, d_llm) at 12.5 Hz and their (B,) lengths.
+        """
+        mel = mel.to(self.device, torch.float32)
+        x, enc_len = self.encoder(mel, lengths, chunk_size, left_chunks)
+        x = self.down_sample_2(x)
+        lengths = subsampled_length(enc_len)
+        block = None if chunk_size is None else chunk_size // 4
+        x = self.speech_transformer(x, lengths, block, left_chunks)
+        return self.speech_llama_proj(x), lengths
+
+    def init_stream(self, chunk_size: int = 20, left_chunks: int = -1) -> SpeechStreamCache:
+        """A new stream's cache. ``chunk_size`` counts encoder frames (50 Hz); a multiple of 4."""
+        if chunk_size % 4:
+            raise InvalidConfigError(f"chunk_size must be a multiple of 4 encoder frames, got {chunk_size}")
+        left = -1 if left_chunks < 0 else left_chunks * chunk_size // 4
+        return SpeechStreamCache(self.encoder.init_cache(chunk_size, left_chunks), AdapterCache(left_context=left))
+
+    def encode_chunk(
+        self, mel: torch.Tensor, cache: SpeechStreamCache, final: bool = False
+    ) -> tuple[torch.Tensor, SpeechStreamCache]:
+        """Chunked encoding for a stream. mel: (B, n_mels, t) new frames -> new embeddings (B, k, d_llm).
+
+        Each whole encoder chunk gives ``chunk_size / 4`` speech embeddings that attend to
+        themselves and earlier chunks only (see :mod:`osum.encoder`).
+        """
+        x, enc_cache = self.encoder.forward_chunk(mel.to(self.device, torch.float32), cache.encoder, final)
+        x, conv_state = self.down_sample_2.forward_chunk(x, cache.adapter.conv)
+        ada = replace(cache.adapter, conv=conv_state)
+        block = enc_cache.chunk_size // 4  # one encoder chunk = one adapter block
+        outs = []
+        for start in range(0, x.shape[1], block):
+            y, ada = self.speech_transformer.forward_chunk(x[:, start : start + block], ada)
+            outs.append(y)
+        x = torch.cat(outs, dim=1) if outs else x
+        return self.speech_llama_proj(x), SpeechStreamCache(enc_cache, ada)
+
+    # ---- the splice -------------------------------------------------------------------
+
+    def boundary_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned speech-begin and speech-end vectors, each (d_llm,)."""
+        w = self.speech_token_emded.weight
+        n = self.cfg.speech_token_num
+        return w[n], w[n + 1]
+
+    def splice(
+        self,
+        prompt_ids: list[list[int]],
+        speech: torch.Tensor,
+        speech_lengths: torch.Tensor,
+        text_ids: list[list[int]] | None = None,
+    ) -> SplicedInputs:
+        """Build ``[prompt tokens, speech-begin, speech frames, speech-end, text tokens]`` per row.
+
+        No chat template, no BOS: exactly OSUM's ``generate()`` input. Rows are left-padded
+        so that every row's next token is predicted at the last position.
+        """
+        B = speech.shape[0]
+        if len(prompt_ids) != B or (text_ids is not None and len(text_ids) != B):
+            raise ValueError("one prompt (and text) per utterance")
+        dev, dt = self.device, self.llm_dtype
+        table = self.llm.get_input_embeddings()
+        begin, end = (e.to(dt) for e in self.boundary_embeddings())
+        rows = []
+        for b in range(B):
+            ids = torch.tensor(prompt_ids[b], dtype=torch.long, device=dev)
+            parts = [table(ids), begin[None], speech[b, : int(speech_lengths[b])].to(dt), end[None]]
+            if text_ids is not None and text_ids[b]:
+                parts.append(table(torch.tensor(text_ids[b], dtype=torch.long, device=dev)))
+            rows.append(torch.cat(parts))
+        S = max(r.shape[0] for r in rows)
+        embeds = torch.zeros(B, S, self.cfg.llm_dim, dtype=dt, device=dev)
+        mask = torch.zeros(B, S, dtype=torch.long, device=dev)
+        for b, r in enumerate(rows):
+            embeds[b, S - r.shape[0] :] = r
+            mask[b, S - r.shape[0] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return SplicedInputs(embeds, mask, positions)

@@ -1,0 +1,140 @@
+"""Pre-LN transformer layers shared by the Whisper encoder and OSUM's adapter.
+
+Module names follow WeNet (``self_attn.linear_q``, ``feed_forward.w_1``, ``norm1``...),
+which are the key names of OSUM's checkpoint. Layers hold weights only: a key/value
+cache goes in and the grown cache comes back out, as in WeNet's ``forward_chunk``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MultiHeadAttention", "FeedForward", "TransformerLayer", "KV",
+    "chunk_mask", "padding_mask", "sinusoids", "forward_block",
+]  # fmt: skip
+
+# one layer's cache: keys and values, each shape = (B, n_heads, S, head_dim)
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, key_bias: bool) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.linear_q = nn.Linear(d_model, d_model)
+        self.linear_k = nn.Linear(d_model, d_model, bias=key_bias)  # Whisper has no key bias
+        self.linear_v = nn.Linear(d_model, d_model)
+        self.linear_out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KV | None) -> tuple[torch.Tensor, KV]:
+        """x: (B, T, d); mask: bool (B|1, 1, T, S0 + T), True = attend; cache: keys/values of S0 earlier frames."""
+        B, T, d = x.shape
+        h = self.n_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, h, d // h).transpose(1, 2)  # (B, h, T, hd)
+
+        q, k, v = heads(self.linear_q(x)), heads(self.linear_k(x)), heads(self.linear_v(x))
+        if cache is not None:
+            k = torch.cat([cache[0], k], dim=2)
+            v = torch.cat([cache[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, T, hd)
+        return self.linear_out(y.transpose(1, 2).reshape(B, T, d)), (k, v)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int, activation: str) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, ffn_dim)
+        self.w_2 = nn.Linear(ffn_dim, d_model)
+        self.activation = nn.GELU() if activation == "gelu" else nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_2(self.activation(self.w_1(x)))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN block: ``x + attn(norm1(x))``, then ``x + ffn(norm2(x))``."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn_dim: int, activation: str, key_bias: bool) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, n_heads, key_bias)
+        self.feed_forward = FeedForward(d_model, ffn_dim, activation)
+        self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KV | None = None) -> tuple[torch.Tensor, KV]:
+        a, new_cache = self.self_attn(self.norm1(x), mask, cache)
+        x = x + a
+        return x + self.feed_forward(self.norm2(x)), new_cache
+
+
+def padding_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """(B,) lengths -> bool (B, size), True on valid frames."""
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def chunk_mask(size: int, chunk_size: int, left_chunks: int, device: torch.device | None = None) -> torch.Tensor:
+    """Block-causal attention mask, True = attend; shape = (size, size).
+
+    Frame i sees the frames of its own chunk and of up to ``left_chunks`` earlier
+    chunks (all of them when ``left_chunks < 0``). For size 6, chunk 2, all left::
+
+        [[1, 1, 0, 0, 0, 0],
+         [1, 1, 0, 0, 0, 0],
+         [1, 1, 1, 1, 0, 0],
+         [1, 1, 1, 1, 0, 0],
+         [1, 1, 1, 1, 1, 1],
+         [1, 1, 1, 1, 1, 1]]
+    """
+    block = torch.arange(size, device=device) // chunk_size
+    q, k = block[:, None], block[None, :]
+    mask = k <= q
+    if left_chunks >= 0:
+        mask &= k >= q - left_chunks
+    return mask
+
+
+def sinusoids(length: int, channels: int, interleaved: bool) -> torch.Tensor:
+    """Sinusoidal positions, shape = (1, length, channels).
+
+    ``interleaved=False`` is Whisper's table ([sin | cos] halves); ``True`` is WeNet's
+    ``abs_pos`` (sin on even channels, cos on odd ones).
+    """
+    if interleaved:
+        pos = torch.arange(length, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, channels, 2, dtype=torch.float32) * -(math.log(10000.0) / channels))
+        pe = torch.zeros(length, channels)
+        pe[:, 0::2] = torch.sin(pos * div)
+        pe[:, 1::2] = torch.cos(pos * div)
+        return pe[None]
+    inc = math.log(10000) / (channels // 2 - 1)
+    inv = torch.exp(-inc * torch.arange(channels // 2, dtype=torch.float32))
+    t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)[None]
+
+
+def forward_block(
+    layers: nn.ModuleList, x: torch.Tensor, caches: list[KV] | None, max_cache: int
+) -> tuple[torch.Tensor, list[KV]]:
+    """Run one chunk through ``layers``: it attends to itself and to every cached frame.
+
+    Args:
+        x: shape = (B, T, d), one chunk.
+        caches: one (k, v) per layer from earlier chunks, or None for the first chunk.
+        max_cache: frames of left context to keep for the next chunk (< 0: keep all).
+    Returns:
+        the chunk's output (B, T, d) and the new caches, trimmed to ``max_cache`` frames.
+    """
+    new: list[KV] = []
+    for i, layer in enumerate(layers):
+        x, (k, v) = layer(x, None, None if caches is None else caches[i])
+        if max_cache >= 0:
+            k, v = k[:, :, k.shape[2] - min(max_cache, k.shape[2]) :], v[:, :, v.shape[2] - min(max_cache, v.shape[2]) :]
+        new.append((k, v))
+    return x, new
