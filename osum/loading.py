@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +192,16 @@ def _describe(source: str, missing: list[str], unexpected: list[str], shapes: li
     def some(xs: list[str]) -> str:
         return ", ".join(xs[:8]) + (f" ... (+{len(xs) - 8} more)" if len(xs) > 8 else "")
 
+    def groups(xs: list[str]) -> str:
+        counts: dict[str, int] = {}
+        for x in xs:
+            top = x.split(".")[0] if not x.startswith("llm.") else "llm"
+            counts[top] = counts.get(top, 0) + 1
+        return ", ".join(f"{k} {v}" for k, v in counts.items())
+
     lines = [f"{source}: the weights do not fit the model"]
     if missing:
-        lines.append(f"  missing {len(missing)} key(s): {some(missing)}")
+        lines.append(f"  missing {len(missing)} key(s) ({groups(missing)}): {some(missing)}")
     if unexpected:
         lines.append(f"  unexpected {len(unexpected)} key(s): {some(unexpected)}")
     if shapes:
@@ -273,8 +281,10 @@ def _config_from_checkpoint(sd: dict[str, torch.Tensor], llm_config: dict[str, A
         ada_ffn = sd["speech_transformer.encoders.0.feed_forward.w_1.weight"].shape[0]
         max_len = sd["speech_transformer.embed.pos_enc.pe"].shape[1]
         n_speech = sd["speech_token_emded.weight"].shape[0] - 2
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"not an OSUM checkpoint: cannot read the model sizes ({e!r} missing or malformed)") from e
+    except (KeyError, ValueError):
+        # not shaped like OSUM: take the released sizes, so that the key check below
+        # names exactly what is missing and what is foreign
+        return replace(PRESETS["osum"], llm=llm_config)
     return OsumConfig(
         name="osum",
         encoder=EncoderConfig(n_mels=n_mels, n_ctx=n_ctx, d_model=d_enc, n_heads=max(d_enc // 64, 1), n_layers=enc_layers, ffn_dim=enc_ffn),

@@ -1,0 +1,87 @@
+"""The adapter, the whole speech path chunk by chunk, and the LLM splice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from osum.adapter import CausalConvSubsampling4, subsampled_length
+from osum.audio import log_mel
+from osum.errors import InvalidConfigError
+
+
+def test_causal_conv_streams_exactly() -> None:
+    torch.manual_seed(0)
+    conv = CausalConvSubsampling4(16, 24).eval()
+    x = torch.randn(1, 203, 16)
+    with torch.no_grad():
+        ref = conv(x)
+        assert ref.shape[1] == subsampled_length(203) == 51
+        rng = np.random.default_rng(0)
+        outs, state, pos = [], None, 0
+        while pos < x.shape[1]:
+            n = int(rng.integers(0, 9))
+            y, state = conv.forward_chunk(x[:, pos : pos + n], state)
+            outs.append(y)
+            pos += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_speech_stream_equals_block_causal_reference(tiny_model, male_clip: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    mel = log_mel(male_clip)[None]
+    chunk = 20  # encoder frames = 0.4 s; 5 speech embeddings per chunk
+    with torch.no_grad():
+        ref, ref_len = tiny_model.encode_speech(mel, chunk_size=chunk)
+        cache = tiny_model.init_stream(chunk)
+        outs, pos = [], 0
+        for n in [7, 33, 0, 101, 59, 200]:
+            y, cache = tiny_model.encode_chunk(mel[:, :, pos : pos + n], cache)
+            outs.append(y)
+            pos += n
+        y, cache = tiny_model.encode_chunk(mel[:, :, pos:], cache, final=True)
+        outs.append(y)
+    streamed = torch.cat(outs, dim=1)
+    assert streamed.shape[1] == int(ref_len[0]) == 50  # 4.0 s at 12.5 Hz
+    torch.testing.assert_close(streamed, ref, atol=1e-5, rtol=1e-5)
+    assert cache.nbytes() > 0
+
+
+def test_stream_cache_is_not_mutated(tiny_model, male_clip: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """Caches go in and come back out: replaying a chunk from an old cache gives the same output."""
+    mel = log_mel(male_clip)[None]
+    with torch.no_grad():
+        c0 = tiny_model.init_stream(16)
+        _, c1 = tiny_model.encode_chunk(mel[:, :, :64], c0)
+        a, _ = tiny_model.encode_chunk(mel[:, :, 64:128], c1)
+        b, _ = tiny_model.encode_chunk(mel[:, :, 64:128], c1)
+    torch.testing.assert_close(a, b)
+
+
+def test_chunk_size_must_align_with_adapter(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidConfigError):
+        tiny_model.init_stream(10)
+
+
+def test_splice_layout(tiny_model, male_clip: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """[pad, prompt, speech-begin, speech, speech-end, text], left-padded; positions restart per row."""
+    with torch.no_grad():
+        speech, lens = tiny_model.encode_speech(log_mel(male_clip)[None])
+        speech = torch.cat([speech, speech])
+        lens = torch.tensor([int(lens[0]), 40])
+        inp = tiny_model.splice([[11, 12, 13], [11]], speech, lens, [[7], []])
+    table = tiny_model.llm.get_input_embeddings().weight
+    begin, end = tiny_model.boundary_embeddings()
+    S = inp.embeds.shape[1]
+    assert S == 3 + 1 + 50 + 1 + 1
+    row0 = inp.embeds[0]
+    torch.testing.assert_close(row0[0], table[11])
+    torch.testing.assert_close(row0[3], begin)
+    torch.testing.assert_close(row0[4:54], speech[0, :50])
+    torch.testing.assert_close(row0[54], end)
+    torch.testing.assert_close(row0[55], table[7])
+    n1 = 1 + 1 + 40 + 1
+    assert inp.attention_mask[1].tolist() == [0] * (S - n1) + [1] * n1
+    assert inp.position_ids[1, -1] == n1 - 1 and inp.position_ids[0, -1] == S - 1
+    torch.testing.assert_close(inp.embeds[1, S - n1], table[11])
+    torch.testing.assert_close(inp.embeds[1, -1], end)
