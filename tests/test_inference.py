@@ -1,0 +1,71 @@
+"""Whole-model recognition and the command line, on the tiny model with real speech."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from osum.cli import SAMPLE_CLIP, main
+from osum.decoding import DecodingOptions
+from osum.errors import UnknownTaskError, UnsupportedTaskError
+from osum.inference import recognize
+
+SHORT = DecodingOptions(max_new_tokens=10)
+
+
+def test_batch_equals_one_by_one(tiny_model, male_clip: np.ndarray, female_clip: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    both = recognize(tiny_model, [male_clip, female_clip], "asr+age+gender", SHORT)
+    for clip, r in zip([male_clip, female_clip], both):
+        alone = recognize(tiny_model, [clip], "asr+age+gender", SHORT)[0]
+        assert alone.tokens == r.tokens
+        for a, b in zip(alone.tags, r.tags):
+            assert a.scores is not None and b.scores is not None
+            assert a.scores == pytest.approx(b.scores, abs=1e-3)
+
+
+def test_every_tag_slot_gets_a_closed_set_distribution(tiny_model, male_clip: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    r = recognize(tiny_model, [male_clip], "style+age+gender", SHORT)[0]
+    assert [t.kind for t in r.tags] == ["style", "age", "gender"]
+    for t in r.tags:
+        assert t.scores is not None and sum(t.scores.values()) == pytest.approx(1.0, abs=1e-4)
+    # the random model writes no valid tags: reported, not guessed
+    assert r.problems and all(not t.valid for t in r.tags)
+    assert r.truncated and r.duration == pytest.approx(4.0)
+
+
+def test_unknown_and_unsupported_tasks(tiny_model, male_clip: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UnknownTaskError):
+        recognize(tiny_model, [male_clip], "karaoke")
+    limited = tiny_model
+    original = limited.cfg
+    try:
+        limited.cfg = replace(original, supported_tasks=("asr",))
+        with pytest.raises(UnsupportedTaskError, match="does not support task 'ser'"):
+            recognize(limited, [male_clip], "ser", SHORT)
+        assert recognize(limited, [male_clip], "asr", SHORT)[0].transcript is not None
+    finally:
+        limited.cfg = original
+
+
+def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["transcribe", str(SAMPLE_CLIP), "--model", "tiny", "--task", "emotion", "--json", "--max-new-tokens", "5"])
+    out = json.loads(capsys.readouterr().out.strip())
+    assert code == 0
+    assert out["task"] == "ser" and out["model"] == "tiny" and len(out["tokens"]) == 5
+    assert out["tags"][0]["kind"] == "emotion" and "scores" in out["tags"][0]
+
+
+def test_cli_human_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio")
+    code = main(["transcribe", str(SAMPLE_CLIP), str(bad), "--model", "tiny", "--max-new-tokens", "3"])
+    captured = capsys.readouterr()
+    assert code == 1  # one file failed, the other was still transcribed
+    assert "transcript:" in captured.out and "error [invalid_audio_file]" in captured.err
+    assert main(["transcribe", str(SAMPLE_CLIP), "--model", "tiny", "--task", "nope"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["tasks"]) == 0 and "执行语音识别任务" in capsys.readouterr().out
