@@ -101,8 +101,7 @@ class AdapterCache:
     left_context: int = -1  # adapter frames of left context, < 0 for all
 
     def nbytes(self) -> int:
-        ts = [t for kv in self.kv for t in kv] + list(self.conv or [])
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(kv.nbytes for kv in self.kv) + sum(t.numel() * t.element_size() for t in self.conv or [])
 
 
 class SpeechTransformer(nn.Module):

@@ -73,8 +73,8 @@ class EncoderCache:
     kv: list[KV] = field(default_factory=list)
 
     def nbytes(self) -> int:
-        ts = [t for kv in self.kv for t in kv] + [t for t in (self.mel_tail, self.pending) if t is not None]
-        return sum(t.numel() * t.element_size() for t in ts)
+        ts = [t for t in (self.mel_tail, self.pending) if t is not None]
+        return sum(kv.nbytes for kv in self.kv) + sum(t.numel() * t.element_size() for t in ts)
 
 
 class WhisperEncoder(nn.Module):

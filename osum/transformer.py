@@ -18,8 +18,69 @@ __all__ = [
     "chunk_mask", "padding_mask", "sinusoids", "forward_block",
 ]  # fmt: skip
 
-# one layer's cache: keys and values, each shape = (B, n_heads, S, head_dim)
-KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class _KVStore:
+    """Growable key/value buffers shared by the successive caches of one stream."""
+
+    __slots__ = ("k", "v", "filled")
+
+    def __init__(self, like: torch.Tensor, capacity: int) -> None:
+        B, h, _, hd = like.shape
+        self.k = like.new_empty(B, h, capacity, hd)
+        self.v = like.new_empty(B, h, capacity, hd)
+        self.filled = 0  # frames written; a cache may append in place only if it ends here
+
+
+class KV:
+    """One layer's keys and values of a stream, each (B, n_heads, S, head_dim).
+
+    Appending writes into a buffer that doubles when full, so a chunk costs no copy of
+    the whole cache. Caches stay values: appending to a cache that is not the newest of
+    its buffer (an older cache used again) copies instead of overwriting what the newer
+    one holds.
+    """
+
+    __slots__ = ("_store", "length", "start")
+
+    def __init__(self, store: _KVStore | None = None, length: int = 0, start: int = 0) -> None:
+        self._store, self.length, self.start = store, length, start
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """A new cache holding this one's window plus ``k``/``v`` (B, h, T, hd)."""
+        T, st = k.shape[2], self._store
+        end = self.length + T
+        if st is None or st.filled != self.length or end > st.k.shape[2]:
+            new = _KVStore(k, max(2 * (end - self.start), 64))
+            if st is not None and self.length > self.start:
+                new.k[:, :, : self.length - self.start] = st.k[:, :, self.start : self.length]
+                new.v[:, :, : self.length - self.start] = st.v[:, :, self.start : self.length]
+            new.filled = self.length - self.start
+            st, end, base = new, new.filled + T, new.filled
+            start = 0
+        else:
+            base, start = self.length, self.start
+        st.k[:, :, base:end] = k
+        st.v[:, :, base:end] = v
+        st.filled = end
+        return KV(st, end, start)
+
+    def window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the cached keys and values."""
+        if self._store is None:
+            raise ValueError("empty cache")
+        return self._store.k[:, :, self.start : self.length], self._store.v[:, :, self.start : self.length]
+
+    def trimmed(self, max_frames: int) -> KV:
+        """Keep only the last ``max_frames`` frames (< 0: all)."""
+        if max_frames < 0 or self.length - self.start <= max_frames:
+            return self
+        return KV(self._store, self.length, self.length - max_frames)
+
+    @property
+    def nbytes(self) -> int:
+        st = self._store
+        return 0 if st is None else 2 * st.k.numel() * st.k.element_size()
 
 
 class MultiHeadAttention(nn.Module):
@@ -31,8 +92,12 @@ class MultiHeadAttention(nn.Module):
         self.linear_v = nn.Linear(d_model, d_model)
         self.linear_out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KV | None) -> tuple[torch.Tensor, KV]:
-        """x: (B, T, d); mask: bool (B|1, 1, T, S0 + T), True = attend; cache: keys/values of S0 earlier frames."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KV | None) -> tuple[torch.Tensor, KV | None]:
+        """x: (B, T, d); mask: bool (B|1, 1, T, S), True = attend.
+
+        Without a cache the frames attend among themselves (mask applies). With one, they
+        attend to its S0 cached frames and to themselves, and the grown cache is returned.
+        """
         B, T, d = x.shape
         h = self.n_heads
 
@@ -41,10 +106,10 @@ class MultiHeadAttention(nn.Module):
 
         q, k, v = heads(self.linear_q(x)), heads(self.linear_k(x)), heads(self.linear_v(x))
         if cache is not None:
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
+            cache = cache.append(k, v)
+            k, v = cache.window()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, T, hd)
-        return self.linear_out(y.transpose(1, 2).reshape(B, T, d)), (k, v)
+        return self.linear_out(y.transpose(1, 2).reshape(B, T, d)), cache
 
 
 class FeedForward(nn.Module):
@@ -68,7 +133,9 @@ class TransformerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
         self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KV | None = None) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KV | None = None
+    ) -> tuple[torch.Tensor, KV | None]:
         a, new_cache = self.self_attn(self.norm1(x), mask, cache)
         x = x + a
         return x + self.feed_forward(self.norm2(x)), new_cache
@@ -133,8 +200,6 @@ def forward_block(
     """
     new: list[KV] = []
     for i, layer in enumerate(layers):
-        x, (k, v) = layer(x, None, None if caches is None else caches[i])
-        if max_cache >= 0:
-            k, v = k[:, :, k.shape[2] - min(max_cache, k.shape[2]) :], v[:, :, v.shape[2] - min(max_cache, v.shape[2]) :]
-        new.append((k, v))
+        x, kv = layer(x, None, KV() if caches is None else caches[i])
+        new.append(kv.trimmed(max_cache))
     return x, new

@@ -85,3 +85,16 @@ def test_splice_layout(tiny_model, male_clip: np.ndarray) -> None:  # type: igno
     assert inp.position_ids[1, -1] == n1 - 1 and inp.position_ids[0, -1] == S - 1
     torch.testing.assert_close(inp.embeds[1, S - n1], table[11])
     torch.testing.assert_close(inp.embeds[1, -1], end)
+
+
+def test_reusing_an_old_cache_never_corrupts_a_newer_one(tiny_model, male_clip: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """KV buffers are shared between successive caches; an older cache used again must copy, not overwrite."""
+    mel = log_mel(male_clip)[None]
+    with torch.no_grad():
+        c1 = tiny_model.init_stream(16)
+        _, c1 = tiny_model.encode_chunk(mel[:, :, :64], c1)
+        _, c2 = tiny_model.encode_chunk(mel[:, :, 64:128], c1)
+        expected, _ = tiny_model.encode_chunk(mel[:, :, 128:192], c2)
+        _ = tiny_model.encode_chunk(torch.randn(1, 80, 64), c1)  # branch off the older cache
+        again, _ = tiny_model.encode_chunk(mel[:, :, 128:192], c2)
+    torch.testing.assert_close(again, expected)
