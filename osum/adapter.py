@@ -23,7 +23,7 @@ from torch import nn
 from .config import AdapterConfig
 from .transformer import KV, TransformerLayer, chunk_mask, forward_block, padding_mask, sinusoids
 
-__all__ = ["CausalConvSubsampling4", "SpeechTransformer", "AdapterCache", "subsampled_length"]
+__all__ = ["AdapterCache", "CausalConvSubsampling4", "SpeechTransformer", "subsampled_length"]
 
 _STRIDES = (1, 2, 2)
 _CONV_IDX = (1, 4, 7)  # positions of the convs in OSUM's Sequential (pad, conv, gelu) x 3

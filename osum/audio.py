@@ -27,22 +27,22 @@ import torch
 from .errors import AudioFileError, AudioTooLongError, InvalidAudioError
 
 __all__ = [
-    "SAMPLE_RATE",
-    "N_FFT",
-    "HOP_LENGTH",
-    "N_MELS",
     "FRAMES_PER_SECOND",
-    "MAX_SECONDS",
-    "MAX_SAMPLES",
+    "HOP_LENGTH",
     "MAX_FRAMES",
+    "MAX_SAMPLES",
+    "MAX_SECONDS",
     "MIN_SAMPLES",
-    "load_audio",
-    "prepare_audio",
-    "resample",
-    "log_mel",
-    "raw_log_mel",
-    "normalize_log_mel",
+    "N_FFT",
+    "N_MELS",
+    "SAMPLE_RATE",
     "IncrementalLogMel",
+    "load_audio",
+    "log_mel",
+    "normalize_log_mel",
+    "prepare_audio",
+    "raw_log_mel",
+    "resample",
 ]
 
 
@@ -66,7 +66,7 @@ DYNAMIC_RANGE = 8.0  # log10 units kept below the maximum
 MAX_FILE_SECONDS = 3600.0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mel_filters(device: str) -> torch.Tensor:
     """Slaney-style mel filterbank, identical to ``librosa.filters.mel(sr=16000, n_fft=400, n_mels=80)``.
 
@@ -86,7 +86,7 @@ def _mel_filters(device: str) -> torch.Tensor:
     return torch.from_numpy(fb.T.astype(np.float32)).to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _window(device: str) -> torch.Tensor:
     return torch.hann_window(N_FFT, device=device)
 

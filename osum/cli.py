@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import OsumError
 
-__all__ = ["main", "SAMPLE_CLIP"]
+__all__ = ["SAMPLE_CLIP", "main"]
 
 SAMPLE_CLIP = Path(__file__).parent / "assets" / "arctic_a0007.wav"  # CMU ARCTIC, real male speech
 

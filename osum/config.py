@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import InvalidConfigError
 
-__all__ = ["EncoderConfig", "AdapterConfig", "OsumConfig", "PRESETS", "QWEN2_7B", "QWEN25_05B"]
+__all__ = ["PRESETS", "QWEN2_7B", "QWEN25_05B", "AdapterConfig", "EncoderConfig", "OsumConfig"]
 
 
 @dataclass(frozen=True)

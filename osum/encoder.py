@@ -32,7 +32,7 @@ from .config import EncoderConfig
 from .errors import AudioTooLongError, InvalidConfigError
 from .transformer import KV, TransformerLayer, chunk_mask, forward_block, padding_mask, sinusoids
 
-__all__ = ["WhisperEncoder", "EncoderCache", "encoded_length"]
+__all__ = ["EncoderCache", "WhisperEncoder", "encoded_length"]
 
 
 def encoded_length(mel_frames: torch.Tensor | int) -> torch.Tensor | int:

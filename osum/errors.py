@@ -17,15 +17,15 @@ Every error a caller can act on derives from :class:`OsumError`; servers map the
 from __future__ import annotations
 
 __all__ = [
-    "OsumError",
-    "InvalidAudioError",
-    "AudioTooLongError",
     "AudioFileError",
+    "AudioTooLongError",
+    "CheckpointError",
+    "InvalidAudioError",
     "InvalidConfigError",
+    "ModelNotFoundError",
+    "OsumError",
     "UnknownTaskError",
     "UnsupportedTaskError",
-    "ModelNotFoundError",
-    "CheckpointError",
 ]
 
 

@@ -20,7 +20,7 @@ from .errors import UnsupportedTaskError
 from .model import OsumModel
 from .tasks import LABELS, ParsedOutput, Tag, Task, get_task, parse_output
 
-__all__ = ["Result", "recognize", "slot_ids", "features"]
+__all__ = ["Result", "features", "recognize", "slot_ids"]
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,16 @@ from .errors import CheckpointError, ModelNotFoundError
 from .model import OsumModel
 
 __all__ = [
-    "cache_dir", "load_model", "save_model", "create_tiny_model", "load_osum_checkpoint",
-    "convert_osum_state_dict", "merge_lora", "bundled_tokenizer_dir", "OSUM_HUB_ID", "QWEN_HUB_ID",
+    "OSUM_HUB_ID",
+    "QWEN_HUB_ID",
+    "bundled_tokenizer_dir",
+    "cache_dir",
+    "convert_osum_state_dict",
+    "create_tiny_model",
+    "load_model",
+    "load_osum_checkpoint",
+    "merge_lora",
+    "save_model",
 ]  # fmt: skip
 
 OSUM_HUB_ID = "ASLP-lab/OSUM"

@@ -17,8 +17,20 @@ from dataclasses import dataclass, field
 from .errors import UnknownTaskError
 
 __all__ = [
-    "EMOTIONS", "EVENTS", "STYLES", "GENDERS", "AGES", "LABELS",
-    "Task", "TASKS", "get_task", "Tag", "Word", "ParsedOutput", "parse_output", "STTC_SEPARATOR",
+    "AGES",
+    "EMOTIONS",
+    "EVENTS",
+    "GENDERS",
+    "LABELS",
+    "STTC_SEPARATOR",
+    "STYLES",
+    "TASKS",
+    "ParsedOutput",
+    "Tag",
+    "Task",
+    "Word",
+    "get_task",
+    "parse_output",
 ]  # fmt: skip
 
 # Label vocabularies, verbatim from OSUM (lowercase, as OSUM's text normaliser writes them).

@@ -14,8 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "MultiHeadAttention", "FeedForward", "TransformerLayer", "KV",
-    "chunk_mask", "padding_mask", "sinusoids", "forward_block",
+    "KV",
+    "FeedForward",
+    "MultiHeadAttention",
+    "TransformerLayer",
+    "chunk_mask",
+    "forward_block",
+    "padding_mask",
+    "sinusoids",
 ]  # fmt: skip
 
 
@@ -23,7 +29,7 @@ __all__ = [
 class _KVStore:
     """Growable key/value buffers shared by the successive caches of one stream."""
 
-    __slots__ = ("k", "v", "filled")
+    __slots__ = ("filled", "k", "v")
 
     def __init__(self, like: torch.Tensor, capacity: int) -> None:
         B, h, _, hd = like.shape

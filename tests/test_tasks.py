@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from osum.errors import UnknownTaskError
-from osum.tasks import AGES, EMOTIONS, EVENTS, LABELS, STYLES, STTC_SEPARATOR, TASKS, get_task, parse_output
+from osum.tasks import AGES, EMOTIONS, EVENTS, LABELS, STTC_SEPARATOR, STYLES, TASKS, get_task, parse_output
 
 
 def test_prompts_and_labels_verbatim() -> None:
