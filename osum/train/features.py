@@ -1,0 +1,76 @@
+"""Cache the frozen Whisper encoder's outputs for every training item.
+
+osum-mini keeps Whisper-base frozen (as it is converted: exact), so its 50 Hz outputs
+are computed once per item, in full-context mode (what offline recognition and
+streaming finals use), and stored in fp16 shards: ``feats.N.pt`` holding
+``{id: (T, 512) fp16 tensor}``. Re-running skips items already cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..audio import load_audio, log_mel
+from ..config import PRESETS
+from ..encoder import WhisperEncoder
+from .data import load_manifest
+
+__all__ = ["load_encoder", "cache_features", "load_features"]
+
+
+def load_encoder(base_dir: Path) -> WhisperEncoder:
+    """osum-mini's frozen Whisper-base encoder from ``<cache>/osum-mini/base.safetensors``."""
+    from safetensors import safe_open
+
+    enc = WhisperEncoder(PRESETS["osum-mini"].encoder).eval()
+    with safe_open(str(base_dir / "base.safetensors"), "pt") as f:
+        sd = {k[len("encoder.") :]: f.get_tensor(k).float() for k in f.keys() if k.startswith("encoder.")}  # noqa: SIM118
+    enc.load_state_dict(sd)
+    return enc.requires_grad_(False)
+
+
+def load_features(root: Path) -> dict[str, torch.Tensor]:
+    feats: dict[str, torch.Tensor] = {}
+    for f in sorted(root.glob("feats.*.pt")):
+        feats |= torch.load(f, weights_only=True)
+    return feats
+
+
+@torch.inference_mode()
+def cache_features(data: Path, out: Path, base_dir: Path, shard_size: int = 1000, say=print) -> int:  # type: ignore[no-untyped-def]
+    out.mkdir(parents=True, exist_ok=True)
+    have = set(load_features(out))
+    todo = [it for it in load_manifest(data) if it["id"] not in have]
+    enc = load_encoder(base_dir)
+    n_shard = len(list(out.glob("feats.*.pt")))
+    buf: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    for i, item in enumerate(todo):
+        mel = log_mel(load_audio(data / item["audio"]))[None]
+        h, _ = enc(mel)
+        buf[item["id"]] = h[0].half().clone()
+        if len(buf) == shard_size or i == len(todo) - 1:
+            torch.save(buf, out / f"feats.{n_shard}.pt")
+            n_shard += 1
+            buf = {}
+            say(f"{i + 1}/{len(todo)} items, {time.perf_counter() - t0:.0f} s")
+    return len(todo)
+
+
+def main() -> None:
+    from ..loading import cache_dir
+
+    ap = argparse.ArgumentParser(description="cache frozen encoder outputs for training")
+    ap.add_argument("--data", type=Path, default=cache_dir() / "train" / "data")
+    ap.add_argument("--out", type=Path, default=cache_dir() / "train" / "feats")
+    ap.add_argument("--base", type=Path, default=cache_dir() / "osum-mini")
+    args = ap.parse_args()
+    cache_features(args.data, args.out, args.base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Train osum-mini: adapter (+ boundary embeddings + LoRA) on cached encoder outputs.
+
+Two stages, one loop (``python -m osum.train.trainer RUN_DIR [--config FILE]``):
+
+* ``ctc``: the adapter alone learns to put its 12.5 Hz outputs into the LLM's embedding
+  space: CTC over Qwen token ids with logits ``s * cos(h, E[v])`` against the frozen
+  input-embedding rows of the vocabulary seen in the training texts, plus a learned blank.
+  About 1 s a step on 2 cores; no LLM forward. A plain end-to-end start never moved off
+  the text prior in an hour (see the training probe notes); this finds the alignment first.
+* ``joint``: OSUM's recipe on top: ``[prompt, begin, speech, end, target]`` through the
+  frozen Qwen (bf16) with LoRA; loss on the target tokens (ASR+X: transcript, then the
+  tag for SGC items), plus the CTC loss as an auxiliary. Logits only at target positions.
+
+A run directory holds ``config.json`` (the :class:`RunConfig`), ``log.jsonl``,
+``loss.png``, ``last.pt`` (everything needed to resume: trainable weights, optimiser,
+step, RNG) and ``best.safetensors`` (the overlay at the best held-out WER so far).
+Runs on CPU; uses CUDA when available, with identical code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import subsampled_length
+from ..config import PRESETS, OsumConfig
+from ..model import OsumModel
+from ..tasks import get_task
+from .lora import add_lora, lora_parameters, lora_state_dict
+
+__all__ = ["RunConfig", "CTCHead", "Trainer", "load_base_llm", "overlay_state_dict"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run; saved as ``config.json`` in the run directory."""
+
+    stage: str = "ctc"  # ctc | joint
+    data: str = ""  # data directory (manifest + audio)
+    feats: str = ""  # cached encoder outputs
+    base: str = ""  # prepared osum-mini directory
+    init: str | None = None  # a run directory whose last.pt initialises this one
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3  # adapter and heads
+    lr_lora: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ctc_weight: float = 1.0  # joint stage: weight of the auxiliary CTC loss
+    tasks: dict[str, float] = field(default_factory=lambda: {"asr": 0.6, "sgc": 0.4})  # joint stage task mix
+    time_mask: float = 0.1  # fraction of encoder frames zeroed per item (SpecAugment-like)
+    eval_every: int = 250
+    eval_items: int = 101  # held-out real prompts to decode at each evaluation
+    seed: int = 0
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("ctc", "joint"):
+            raise ValueError(f"stage must be ctc or joint, got {self.stage!r}")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        return cls(**json.loads(path.read_text()))
+
+
+class CTCHead(nn.Module):
+    """CTC over a subset of the LLM's vocabulary, tied to its frozen input embeddings."""
+
+    def __init__(self, embeddings: torch.Tensor, vocab: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("vocab", torch.tensor(vocab, dtype=torch.long))
+        self.register_buffer("table", F.normalize(embeddings[vocab].float(), dim=-1))  # (V, d), frozen
+        self.blank = nn.Parameter(torch.randn(embeddings.shape[1]) * 0.02)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(16.0)))
+        self.index = {t: i + 1 for i, t in enumerate(vocab)}  # 0 is the blank
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (B, L, d) -> log-probs (B, L, 1 + V)."""
+        table = torch.cat([F.normalize(self.blank, dim=-1)[None], self.table])
+        logits = self.log_scale.exp() * F.normalize(h.float(), dim=-1) @ table.T
+        return logits.log_softmax(-1)
+
+    def targets(self, ids: list[int]) -> list[int]:
+        return [self.index[t] for t in ids if t in self.index]  # unseen types cannot be emitted
+
+    def greedy(self, logp: torch.Tensor, length: int) -> list[int]:
+        best = logp[:length].argmax(-1).tolist()
+        out, prev = [], 0
+        for b in best:
+            if b != prev and b != 0:
+                out.append(int(self.vocab[b - 1]))
+            prev = b
+        return out
+
+
+def load_base_llm(base: Path, dtype: torch.dtype) -> nn.Module:
+    """The frozen Qwen2.5-0.5B from a prepared osum-mini directory."""
+    from safetensors import safe_open
+
+    from ..loading import _params_on_meta
+    from ..model import build_llm
+
+    cfg = OsumConfig.load(base / "config.json")
+    with _params_on_meta():
+        llm = build_llm(cfg)
+    with safe_open(str(base / "base.safetensors"), "pt") as f:
+        sd = {k[4:]: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith("llm.")}  # noqa: SIM118
+    llm.load_state_dict(sd, strict=True, assign=True)
+    return llm.requires_grad_(False).eval()
+
+
+def overlay_state_dict(model: OsumModel) -> dict[str, torch.Tensor]:
+    """What osum-mini ships in the repository: the trained parts only, LoRA under peft names."""
+    keep = ("down_sample_2.", "speech_transformer.", "speech_llama_proj.", "speech_token_emded.")
+    sd = {k: v.detach().float().clone() for k, v in model.state_dict().items() if k.startswith(keep) and ".pos_enc." not in k}
+    return sd | lora_state_dict(model.llm)
+
+
+class Trainer:
+    def __init__(self, run: Path, cfg: RunConfig, osum_cfg: OsumConfig | None = None, llm: nn.Module | None = None) -> None:
+        from .data import load_manifest
+        from .features import load_features
+
+        self.run, self.cfg = run, cfg
+        run.mkdir(parents=True, exist_ok=True)
+        cfg.save(run / "config.json")
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(cfg.threads)
+        self.rng = random.Random(cfg.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        llm_dtype = torch.bfloat16
+        ocfg = osum_cfg or PRESETS["osum-mini"]
+        self.model = OsumModel(ocfg, llm=llm if llm is not None else load_base_llm(Path(cfg.base), llm_dtype))
+        self.model.encoder.requires_grad_(False)  # frozen; its outputs are cached
+        self.model.to(self.device)
+        self.model.llm.to(llm_dtype)
+        self.tok = self._tokenizer()
+        items = load_manifest(Path(cfg.data))
+        self.feats = load_features(Path(cfg.feats))
+        self.train_items = [it for it in items if it["split"] == "train" and it["id"] in self.feats]
+        self.test_items = [it for it in items if it["split"] == "test" and it["id"] in self.feats][: cfg.eval_items]
+        vocab = sorted({t for it in self.train_items for t in self.tok.encode(it["text"], add_special_tokens=False)})
+        self.ctc = CTCHead(self.model.llm.get_input_embeddings().weight.detach(), vocab).to(self.device)
+        if cfg.stage == "joint":
+            add_lora(self.model.llm, ocfg.lora_targets, ocfg.lora_rank, ocfg.lora_alpha, dropout=0.05)
+            self.model.llm.to(self.device)
+        groups = [{"params": self._adapter_params() + list(self.ctc.parameters()), "lr": cfg.lr}]
+        if cfg.stage == "joint":
+            groups.append({"params": lora_parameters(self.model.llm), "lr": cfg.lr_lora})
+        self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.step = 0
+        self.best_wer = float("inf")
+        if (run / "last.pt").is_file():
+            self._restore(run / "last.pt", full=True)
+        elif cfg.init:
+            self._restore(Path(cfg.init) / "last.pt", full=False)
+
+    # ---- parameters and checkpoints -------------------------------------------------
+
+    def _tokenizer(self) -> Any:
+        from ..loading import bundled_tokenizer_dir, load_tokenizer
+
+        base = Path(self.cfg.base)
+        return load_tokenizer(base if (base / "tokenizer.json").is_file() else bundled_tokenizer_dir())
+
+    def _adapter_params(self) -> list[nn.Parameter]:
+        m = self.model
+        mods = (m.down_sample_2, m.speech_transformer, m.speech_llama_proj, m.speech_token_emded)
+        return [p for mod in mods for p in mod.parameters()]
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return overlay_state_dict(self.model) | {f"ctc.{k}": v for k, v in self.ctc.state_dict().items()}
+
+    def _save(self) -> None:
+        state = {
+            "weights": self._trainable_state(), "opt": self.opt.state_dict(), "step": self.step,
+            "best_wer": self.best_wer, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+        }  # fmt: skip
+        tmp = self.run / "last.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.run / "last.pt")
+
+    def _restore(self, path: Path, full: bool) -> None:
+        state = torch.load(path, weights_only=False, map_location=self.device)
+        w = state["weights"]
+        self.model.load_state_dict({k: v for k, v in w.items() if not k.startswith(("ctc.", "llm."))}, strict=False)
+        lora = {k: v for k, v in w.items() if k.startswith("llm.")}
+        if lora:
+            own = {f"llm.{n}": p for n, p in self.model.llm.named_parameters()}
+            for k, v in lora.items():  # peft names -> our wrapper's names
+                name = k.replace(".default.weight", ".weight")
+                if name in own:
+                    own[name].data.copy_(v)
+        ctc = {k[4:]: v for k, v in w.items() if k.startswith("ctc.")}
+        if ctc and ctc["vocab"].shape == self.ctc.vocab.shape:
+            self.ctc.load_state_dict(ctc)
+        if full:
+            self.opt.load_state_dict(state["opt"])
+            self.step, self.best_wer = state["step"], state["best_wer"]
+            self.rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+
+    # ---- batches ----------------------------------------------------------------------
+
+    def _speech(self, items: list[dict], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached encoder outputs -> adapter -> LLM-width speech embeddings (B, L, d) and lengths."""
+        xs = [self.feats[it["id"]].float() for it in items]
+        T = max(x.shape[0] for x in xs)
+        x = torch.zeros(len(xs), T, xs[0].shape[1])
+        for i, f in enumerate(xs):
+            x[i, : f.shape[0]] = f
+            if train and self.cfg.time_mask > 0:  # zero a few short spans of frames
+                n = int(f.shape[0] * self.cfg.time_mask)
+                for _ in range(max(1, n // 10)):
+                    s = self.rng.randrange(max(1, f.shape[0] - 10))
+                    x[i, s : s + 10] = 0
+        x = x.to(self.device)
+        lengths = torch.tensor([f.shape[0] for f in xs], device=self.device)
+        m = self.model
+        h = m.down_sample_2(x)
+        lengths = subsampled_length(lengths)
+        h = m.speech_transformer(h, lengths)
+        return m.speech_llama_proj(h), lengths
+
+    def _ctc_loss(self, speech: torch.Tensor, lengths: torch.Tensor, items: list[dict]) -> torch.Tensor:
+        logp = self.ctc(speech)  # (B, L, 1 + V)
+        targets = [self.ctc.targets(self.tok.encode(it["text"], add_special_tokens=False)) for it in items]
+        flat = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=self.device)
+        tl = torch.tensor([len(t) for t in targets], device=self.device)
+        loss = F.ctc_loss(logp.transpose(0, 1), flat, lengths, tl, blank=0, reduction="sum", zero_infinity=True)
+        return loss / tl.sum().clamp(min=1)
+
+    def _targets(self, item: dict) -> tuple[list[int], list[int]]:
+        """(prompt ids, target ids) for a sampled task: ASR+X, transcript then tag, then eos."""
+        from ..inference import slot_ids
+
+        names, weights = zip(*self.cfg.tasks.items())
+        task = get_task(self.rng.choices(names, weights)[0])
+        target = self.tok.encode(item["text"], add_special_tokens=False)
+        for slot, kind in enumerate(task.tags):
+            target += slot_ids(self.tok, task, slot, item[kind])
+        return self.tok.encode(task.prompt, add_special_tokens=False), target + [self.model.cfg.eos_token_id]
+
+    def _llm_loss(self, speech: torch.Tensor, lengths: torch.Tensor, items: list[dict]) -> torch.Tensor:
+        pairs = [self._targets(it) for it in items]
+        inp = self.model.splice([p for p, _ in pairs], speech, lengths, [t for _, t in pairs])
+        hidden = self.model.llm.model(
+            inputs_embeds=inp.embeds, attention_mask=inp.attention_mask, position_ids=inp.position_ids
+        ).last_hidden_state  # (B, S, d)
+        S = hidden.shape[1]
+        rows, cols, labels = [], [], []
+        for b, (_, t) in enumerate(pairs):  # rows end at S: the targets are the last len(t) tokens
+            rows += [b] * len(t)
+            cols += list(range(S - len(t) - 1, S - 1))
+            labels += t
+        h = hidden[torch.tensor(rows), torch.tensor(cols)]
+        logits = self.model.llm.lm_head(h).float()
+        return F.cross_entropy(logits, torch.tensor(labels, device=self.device))
+
+    # ---- loop -------------------------------------------------------------------------
+
+    def _lr_factor(self) -> float:
+        if self.step < self.cfg.warmup:
+            return (self.step + 1) / self.cfg.warmup
+        progress = (self.step - self.cfg.warmup) / max(1, self.cfg.steps - self.cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def _batch(self) -> list[dict]:
+        # length-grouped: pick a random item, take neighbours in duration order
+        items = self.train_items
+        if not hasattr(self, "_by_len"):
+            self._by_len = sorted(items, key=lambda it: it["seconds"])
+        i = self.rng.randrange(len(self._by_len))
+        lo = max(0, min(i, len(self._by_len) - self.cfg.batch_size))
+        return self._by_len[lo : lo + self.cfg.batch_size]
+
+    def train(self, say=print) -> None:  # type: ignore[no-untyped-def]
+        with (self.run / "log.jsonl").open("a") as log:
+            self._loop(log, say)
+
+    def _loop(self, log, say) -> None:  # type: ignore[no-untyped-def]
+        self.model.train()
+        self.model.encoder.eval()
+        self.model.llm.eval()  # frozen base: no dropout (LoRA's own dropout is active in train())
+        t0 = time.perf_counter()
+        while self.step < self.cfg.steps:
+            for g, base_lr in zip(self.opt.param_groups, (self.cfg.lr, self.cfg.lr_lora)):
+                g["lr"] = base_lr * self._lr_factor()
+            items = self._batch()
+            speech, lengths = self._speech(items, train=True)
+            ctc = self._ctc_loss(speech, lengths, items)
+            loss, rec = ctc, {"ctc": ctc.item()}
+            if self.cfg.stage == "joint":
+                llm = self._llm_loss(speech, lengths, items)
+                loss = llm + self.cfg.ctc_weight * ctc
+                rec["llm"] = llm.item()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 5.0)
+            self.opt.step()
+            self.step += 1
+            rec |= {"step": self.step, "loss": loss.item(), "lr": self.opt.param_groups[0]["lr"], "sec": round(time.perf_counter() - t0, 1)}
+            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                rec |= self.evaluate()
+                if rec["wer"] < self.best_wer:
+                    self.best_wer = rec["wer"]
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.contiguous() for k, v in overlay_state_dict(self.model).items()}, str(self.run / "best.safetensors"))
+                self._save()
+                self.plot()
+                self.model.train()
+                self.model.encoder.eval()
+                self.model.llm.eval()
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if self.step % 10 == 0 or "wer" in rec:
+                say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """WER on held-out real speech: greedy CTC (ctc stage) or LLM greedy decoding (joint)."""
+        from .metrics import wer
+
+        self.model.eval()
+        refs, hyps = [], []
+        for i in range(0, len(self.test_items), 16):
+            items = self.test_items[i : i + 16]
+            speech, lengths = self._speech(items, train=False)
+            if self.cfg.stage == "ctc":
+                logp = self.ctc(speech)
+                texts = [self.tok.decode(self.ctc.greedy(logp[b], int(lengths[b]))) for b in range(len(items))]
+            else:
+                texts = self._decode(speech, lengths)
+            refs += [it["text"] for it in items]
+            hyps += texts
+        return {"wer": wer(refs, hyps)}
+
+    def _decode(self, speech: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        from ..decoding import DecodingOptions, generate
+
+        prompt = self.tok.encode(get_task("asr").prompt, add_special_tokens=False)
+        inp = self.model.splice([prompt] * speech.shape[0], speech, lengths)
+        hyps = generate(self.model.llm, inp, DecodingOptions(max_new_tokens=60), self.model.cfg.eos_token_id)
+        return [self.tok.decode(h.tokens) for h in hyps]
+
+    def plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        recs = [json.loads(line) for line in (self.run / "log.jsonl").read_text().splitlines() if line.strip()]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        for key in ("ctc", "llm"):
+            pts = [(r["step"], r[key]) for r in recs if key in r]
+            if pts:
+                ax[0].plot(*zip(*pts), label=key, alpha=0.7)
+        ax[0].set_xlabel("step")
+        ax[0].set_ylabel("loss (nats/token)")
+        ax[0].legend()
+        pts = [(r["step"], r["wer"]) for r in recs if "wer" in r]
+        if pts:
+            ax[1].plot(*zip(*pts), marker="o")
+        ax[1].set_xlabel("step")
+        ax[1].set_ylabel("held-out real WER")
+        fig.tight_layout()
+        fig.savefig(self.run / "loss.png")
+        plt.close(fig)
+
+
+def main() -> None:
+    from ..loading import cache_dir
+
+    ap = argparse.ArgumentParser(description="train osum-mini (resumes if RUN_DIR/last.pt exists)")
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--config", type=Path, help="a RunConfig JSON; default: RUN_DIR/config.json or the defaults")
+    args = ap.parse_args()
+    root = cache_dir()
+    src = args.config or (args.run / "config.json")
+    cfg = RunConfig.load(src) if src.is_file() else RunConfig()
+    defaults = {"data": str(root / "train" / "data"), "feats": str(root / "train" / "feats"), "base": str(root / "osum-mini")}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if not getattr(cfg, k)})
+    Trainer(args.run, cfg).train()
+
+
+if __name__ == "__main__":
+    main()

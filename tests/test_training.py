@@ -1,0 +1,83 @@
+"""The osum-mini training loop on the tiny configuration: both stages, resume, overlay, loading."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from osum.config import PRESETS
+from osum.loading import bundled_tokenizer_dir
+from osum.train.metrics import wer
+from osum.train.trainer import RunConfig, Trainer
+
+TEXTS = ["please enter your account number", "thank you for calling", "press one for sales", "goodbye"]
+
+
+@pytest.fixture()
+def tiny_run(tmp_path: Path, tiny_model):  # type: ignore[no-untyped-def]
+    """A data dir, cached 'encoder outputs' (random, fixed per item) and a base dir with the tokenizer."""
+    data, feats, base = tmp_path / "data", tmp_path / "feats", tmp_path / "base"
+    data.mkdir()
+    feats.mkdir()
+    base.mkdir()
+    g = torch.Generator().manual_seed(0)
+    items, cached = [], {}
+    for i, text in enumerate(TEXTS * 2):
+        split = "test" if i >= len(TEXTS) else "train"
+        it = {"id": f"x{i}", "text": text, "split": split, "gender": ["male", "female"][i % 2], "seconds": 1.0 + i / 10}
+        items.append(it)
+        cached[it["id"]] = torch.randn(40 + 4 * (i % 4), PRESETS["tiny"].encoder.d_model, generator=g).half()
+    (data / "manifest.0.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    torch.save(cached, feats / "feats.0.pt")
+    for f in bundled_tokenizer_dir().iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    cfg = RunConfig(stage="ctc", data=str(data), feats=str(feats), base=str(base), steps=4, batch_size=2,
+                    warmup=1, eval_every=2, eval_items=4, lr=3e-3, threads=1)  # fmt: skip
+    return cfg, tiny_model
+
+
+def _trainer(run: Path, cfg: RunConfig, model) -> Trainer:  # type: ignore[no-untyped-def]
+    import copy
+
+    return Trainer(run, cfg, PRESETS["tiny"], llm=copy.deepcopy(model.llm))
+
+
+def test_ctc_stage_trains_saves_and_resumes(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, model = tiny_run
+    run = tmp_path / "run_ctc"
+    t = _trainer(run, cfg, model)
+    t.train(say=lambda s: None)
+    assert (run / "last.pt").is_file() and (run / "best.safetensors").is_file() and (run / "loss.png").is_file()
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and all("wer" in r for r in recs if r["step"] % 2 == 0)
+    # resume: a new trainer continues at step 4 and runs to the new total
+    t2 = _trainer(run, replace(cfg, steps=6), model)
+    assert t2.step == 4
+    torch.testing.assert_close(t2.model.speech_llama_proj.weight, t.model.speech_llama_proj.weight)
+    t2.train(say=lambda s: None)
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] == 6
+
+
+def test_joint_stage_learns_and_exports_lora(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, model = tiny_run
+    cfg = replace(cfg, stage="joint", steps=30, eval_every=30, lr=1e-2, lr_lora=1e-2, time_mask=0.0)
+    run = tmp_path / "run_joint"
+    t = _trainer(run, cfg, model)
+    t.train(say=lambda s: None)
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    first, last = sum(r["llm"] for r in recs[:5]) / 5, sum(r["llm"] for r in recs[-5:]) / 5
+    assert last < first - 1.0  # nats per token: the target text is being learnt
+    from safetensors.torch import load_file
+
+    overlay = load_file(str(run / "best.safetensors"))
+    assert any(k.endswith("q_proj.lora_A.default.weight") for k in overlay)
+    assert "speech_token_emded.weight" in overlay and not any(k.startswith("encoder.") for k in overlay)
+
+
+def test_wer() -> None:
+    assert wer(["Press one for sales."], ["press 1 for sales"]) == 0.0
+    assert wer(["a b c d"], ["a x c"]) == 0.5
