@@ -84,6 +84,9 @@ class OsumConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
     # tasks this model was trained and measured on; others are reported "unsupported"
     supported_tasks: tuple[str, ...] | None = None
+    # the LLM's dtype on CPU (on CUDA it is always bf16): bf16 halves memory and, on CPUs
+    # with bf16 instructions, is faster too
+    cpu_llm_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
@@ -142,6 +145,7 @@ PRESETS: dict[str, OsumConfig] = {
         adapter=AdapterConfig(d_model=512, n_heads=4, n_layers=2, ffn_dim=1536),
         llm=dict(QWEN25_05B),
         speech_token_num=0,
+        cpu_llm_dtype="bfloat16",
     ),
     # random weights at toy sizes for fast tests; vocabulary of the real Qwen tokenizer
     "tiny": OsumConfig(

@@ -53,6 +53,8 @@ _OURS = ("encoder.", "down_sample_2.", "speech_transformer.", "speech_llama_proj
 _UNUSED = ("speaker_head.", "ln_speech.")  # in the checkpoint, never used by OSUM's forward
 _ALIASES = ("embed_tokens.weight", "lm_head.weight")  # top-level duplicates of the LLM's tables
 _PEFT_PREFIX = "llama_model.base_model.model."
+# osum-mini's trained parts (adapter, boundary embeddings, LoRA) and their model card data
+MINI_OVERLAY = Path(__file__).parent / "weights" / "osum-mini.safetensors"
 _LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps",
              "tie_word_embeddings", "bos_token_id", "eos_token_id")  # fmt: skip
@@ -133,9 +135,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
     elif name == "osum-mini":
-        path = cache_dir() / "osum-mini"
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"osum-mini is not prepared in {path}; run `osum prepare osum-mini` first")
+        return load_base_with_overlay(cache_dir() / "osum-mini", MINI_OVERLAY, device)
     elif name == "osum":
         return _load_released_osum(cache_dir() / "osum", device)
     if path.is_file() and path.suffix == ".pt":
@@ -156,6 +156,42 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{path / 'model.safetensors'}: unreadable weights ({e})") from e
     model = _build_with_weights(cfg, sd, str(path))
     model.tokenizer = load_tokenizer(path)
+    return model.place(device)
+
+
+def load_base_with_overlay(base: Path, overlay: Path, device: str | torch.device = "cpu") -> OsumModel:
+    """A prepared base (``base.safetensors``: encoder + LLM) with trained parts on top.
+
+    The overlay holds the adapter, projection and boundary embeddings, and LoRA under
+    peft's names (merged into the LLM here); ``<overlay>.json`` beside it lists the tasks
+    the model was trained and measured on.
+    """
+    from safetensors.torch import load_file
+
+    from .transformer import sinusoids
+
+    if not (base / "base.safetensors").is_file():
+        raise ModelNotFoundError(f"{base.name} is not prepared in {base}; run `osum prepare {base.name}` first")
+    if not overlay.is_file():
+        raise ModelNotFoundError(f"no trained weights for {base.name} at {overlay}")
+    cfg = OsumConfig.load(base / "config.json")
+    card = overlay.with_suffix(".json")
+    if card.is_file():
+        tasks = json.loads(card.read_text()).get("supported_tasks")
+        cfg = replace(cfg, supported_tasks=tuple(tasks) if tasks is not None else None)
+    sd = load_file(str(base / "base.safetensors"))
+    extra = load_file(str(overlay))
+    lora = {k: v for k, v in extra.items() if ".lora_" in k}
+    sd |= {k: v for k, v in extra.items() if ".lora_" not in k}
+    sd.setdefault("speech_transformer.embed.pos_enc.pe", sinusoids(cfg.adapter.max_len, cfg.adapter.d_model, interleaved=True))
+    pairs = {}
+    for k in lora:
+        if k.endswith(".lora_A.default.weight"):
+            module = k[: -len(".lora_A.default.weight")]
+            pairs[module] = (lora[k], lora[f"{module}.lora_B.default.weight"])
+    sd = merge_lora(sd, pairs, cfg.lora_scale)
+    model = _build_with_weights(cfg, sd, f"{base} + {overlay.name}")
+    model.tokenizer = load_tokenizer(base)
     return model.place(device)
 
 

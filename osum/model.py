@@ -78,12 +78,14 @@ class OsumModel(nn.Module):
         return self.llm.get_input_embeddings().weight.dtype
 
     def place(self, device: str | torch.device) -> OsumModel:
-        """Move to ``device``: fp32 on CPU; on CUDA the LLM in bf16, encoder and adapter fp32 (as OSUM)."""
+        """Move to ``device``: encoder and adapter in fp32 (as OSUM); the LLM in bf16 on CUDA and in
+        ``cfg.cpu_llm_dtype`` on CPU."""
         device = torch.device(device)
         for name, child in self.named_children():
             if name != "llm":
                 child.to(device=device, dtype=torch.float32)
-        self.llm.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        cpu_dtype = getattr(torch, self.cfg.cpu_llm_dtype)
+        self.llm.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else cpu_dtype)
         return self.eval()
 
     # ---- speech -> LLM embeddings ----------------------------------------------------

@@ -81,3 +81,34 @@ def test_joint_stage_learns_and_exports_lora(tiny_run, tmp_path: Path) -> None: 
 def test_wer() -> None:
     assert wer(["Press one for sales."], ["press 1 for sales"]) == 0.0
     assert wer(["a b c d"], ["a x c"]) == 0.5
+
+
+def test_trained_overlay_loads_as_a_model(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What training writes is what the loader reads: base + overlay, LoRA merged."""
+    from safetensors.torch import save_file
+
+    from osum.loading import load_base_with_overlay
+    from osum.train.lora import LoRALinear
+
+    cfg, model = tiny_run
+    cfg = replace(cfg, stage="joint", steps=3, eval_every=3, lr_lora=1e-2)
+    run = tmp_path / "run"
+    t = _trainer(run, cfg, model)
+    t.train(say=lambda s: None)
+    base = Path(cfg.base)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.startswith(("encoder.", "llm."))}, str(base / "base.safetensors"))
+    PRESETS["tiny"].save(base / "config.json")
+    (run / "best.json").write_text(json.dumps({"supported_tasks": ["asr", "sgc"]}))
+    loaded = load_base_with_overlay(base, run / "best.safetensors")
+    assert loaded.cfg.supported_tasks == ("asr", "sgc")
+    feats = t.feats["x0"].float()[None]
+    with torch.no_grad():
+        t.model.eval()
+        a, _ = t._speech([{"id": "x0"}], train=False)
+        x = loaded.down_sample_2(feats)
+        b = loaded.speech_llama_proj(loaded.speech_transformer(x, torch.tensor([x.shape[1]])))
+    torch.testing.assert_close(b, a)
+    q = t.model.llm.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LoRALinear) and q.lora_B.weight.abs().sum() > 0
+    merged = q.base.weight.float() + q.scale * q.lora_B.weight @ q.lora_A.weight
+    torch.testing.assert_close(loaded.llm.model.layers[0].self_attn.q_proj.weight, merged, atol=2e-3, rtol=1e-2)
