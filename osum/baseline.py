@@ -27,9 +27,13 @@ class WhisperBaseline:
         self.features = WhisperFeatureExtractor(feature_size=80)
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
 
-    @torch.inference_mode()
     def transcribe(self, audios: list[np.ndarray], max_new_tokens: int = 200) -> list[str]:
-        """16 kHz float audio (each <= 30 s) -> English transcripts, greedy.
+        """16 kHz float audio (each <= 30 s) -> English transcripts, greedy."""
+        return [self.tokenizer.decode(ids).strip() for ids in self.decode_ids(audios, max_new_tokens)]
+
+    @torch.inference_mode()
+    def decode_ids(self, audios: list[np.ndarray], max_new_tokens: int = 200) -> list[list[int]]:
+        """Greedy token ids after the prompt, without the end token.
 
         Our own loop: transformers' ``generate`` treats forced ``decoder_input_ids`` as a
         prompt to strip and drops the start of the transcript.
@@ -55,4 +59,4 @@ class WhisperBaseline:
             if all(done):
                 break
             step = tok[:, None]
-        return [self.tokenizer.decode(ids).strip() for ids in out]
+        return out

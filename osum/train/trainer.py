@@ -397,6 +397,8 @@ def main() -> None:
     cfg = RunConfig.load(src) if src.is_file() else RunConfig()
     defaults = {"data": str(root / "train" / "data"), "feats": str(root / "train" / "feats"), "base": str(root / "osum-mini")}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if not getattr(cfg, k)})
+    if cfg.init and not Path(cfg.init).is_absolute():  # a run name: a sibling of this run
+        cfg = dataclasses.replace(cfg, init=str(args.run.parent / cfg.init))
     Trainer(args.run, cfg).train()
 
 

@@ -1,0 +1,123 @@
+"""Measure osum-mini against its targets and print one table.
+
+    python -m osum.train.evaluate [--overlay PATH] [--limit N]
+
+* **WER** on the held-out real prompts (Asterisk en, never trained on) for osum-mini
+  (greedy, ASR prompt, through :func:`osum.inference.recognize`) and for Whisper base's
+  own decoder, same audio, same normaliser, same run. Target: at most 1.25 x Whisper's.
+* **Gender accuracy** on real speakers never trained on (SGC prompt; the label is the
+  closed-set choice given the transcript): Asterisk fr (June, female), it (Carlo, male),
+  ru (female), CMU ARCTIC a0007 (male) and a0009 (female), codec2's ``forig`` (female)
+  and ``morig`` (male). Reported per speaker and macro-averaged. Target: >= 95 %.
+* **RTF** of offline recognition on 2 CPU threads (processing seconds per audio second).
+  Target: <= 0.5.
+* **Memory**: resident set size of the process with the model loaded for serving.
+  Target: <= 2.5 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..audio import load_audio
+from ..errors import AudioTooLongError
+from ..loading import MINI_OVERLAY, cache_dir, load_base_with_overlay
+from .data import is_test, real_prompts
+from .metrics import wer
+
+__all__ = ["gender_sets", "rss_bytes", "main"]
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def gender_sets(per_speaker: int, seed: int = 0) -> dict[str, tuple[str, list[Path]]]:
+    """speaker -> (gender, files): real voices absent from osum-mini's training data."""
+    rng = random.Random(seed)
+    root = Path("/usr/share/asterisk/sounds")
+    sets: dict[str, tuple[str, list[Path]]] = {}
+    for name, gender in [("fr_CA_f_June", "female"), ("it_IT_m_Carlo", "male"), ("ru_RU_f_IvrvoiceRU", "female")]:
+        files = sorted((root / name).rglob("*.wav"))
+        if files:
+            sets[name] = (gender, rng.sample(files, min(per_speaker, len(files))))
+    sets["arctic-a0007"] = ("male", [_ASSETS / "arctic_a0007.wav"])
+    sets["arctic-a0009"] = ("female", [_ASSETS / "arctic_a0009.wav"])
+    for name, gender in [("forig", "female"), ("morig", "male")]:
+        f = Path("/usr/share/codec2/wav") / f"{name}.wav"
+        if f.is_file():
+            sets[f"codec2-{name}"] = (gender, [f])
+    return sets
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    from ..baseline import WhisperBaseline
+    from ..decoding import DecodingOptions
+    from ..inference import recognize
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--overlay", type=Path, default=MINI_OVERLAY, help="trained weights to evaluate")
+    ap.add_argument("--base", type=Path, default=cache_dir() / "osum-mini")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N test prompts")
+    ap.add_argument("--per-speaker", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rss0 = rss_bytes()
+    model = load_base_with_overlay(args.base, args.overlay)
+    rss_model = rss_bytes()
+    tests = [p for p in real_prompts() if is_test(p)]
+    tests = tests[: args.limit] if args.limit else tests
+    audios, kept = [], []
+    for p in tests:
+        try:
+            audios.append(load_audio(p.path))
+            kept.append(p)
+        except AudioTooLongError:  # over the 30 s window; the data build drops it too
+            print(f"skipped {p.name}: over 30 s")
+    tests = kept
+    seconds = sum(len(a) for a in audios) / 16000
+    opts = DecodingOptions(max_new_tokens=120)
+    t0 = time.perf_counter()
+    ours = [recognize(model, [a], "asr", opts, score_tags=False)[0].transcript or "" for a in audios]
+    rtf = (time.perf_counter() - t0) / seconds
+    rss_peak = rss_bytes()
+    baseline = WhisperBaseline(args.base / "whisper-base")
+    theirs = [t for i in range(0, len(audios), 8) for t in baseline.transcribe(audios[i : i + 8])]
+    refs = [p.text for p in tests]
+    w_ours, w_base = wer(refs, ours), wer(refs, theirs)
+
+    per: list[tuple[str, str, int, float]] = []
+    for spk, (gender, files) in gender_sets(args.per_speaker).items():
+        hits = 0
+        for f in files:
+            r = recognize(model, [load_audio(f)], "sgc", DecodingOptions(max_new_tokens=60))[0]
+            # what a user sees: a missing or invalid tag counts as wrong
+            hits += bool(r.tags) and r.tags[0].valid and r.tags[0].label == gender
+        per.append((spk, gender, len(files), hits / len(files)))
+    macro = float(np.mean([p[3] for p in per])) if per else float("nan")
+
+    print(f"osum-mini evaluation: {len(tests)} held-out real prompts ({seconds:.0f} s), overlay {args.overlay}")
+    print(f"{'measure':34} {'osum-mini':>10} {'target':>16}  reference")
+    print(f"{'WER, held-out real speech':34} {w_ours:10.1%} {'<= ' + format(1.25 * w_base, '.1%'):>16}  Whisper base {w_base:.1%}")
+    print(f"{'gender accuracy, held-out speakers':34} {macro:10.1%} {'>= 95%':>16}  macro over {len(per)} speakers")
+    print(f"{'RTF, offline, ' + str(args.threads) + ' threads':34} {rtf:10.3f} {'<= 0.5':>16}")
+    print(f"{'resident memory, model loaded':34} {rss_model / 1e9:9.2f}G {'<= 2.5G':>16}  peak after decoding {rss_peak / 1e9:.2f}G (before load {rss0 / 1e9:.2f}G)")
+    for spk, gender, n, acc in per:
+        print(f"  gender {spk:22} {gender:6} n={n:3d}  {acc:.0%}")
+
+
+if __name__ == "__main__":
+    main()
