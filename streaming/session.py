@@ -1,0 +1,340 @@
+"""One live stream, sans-I/O: audio in, model work requests out, results in, events out.
+
+The session never touches the network or runs the model. Its caller (the engine)
+feeds it audio and client commands, asks :meth:`Session.next_work` what the model
+should do, runs that on the scheduler's worker, and hands the result to
+:meth:`Session.apply`; :meth:`Session.drain` returns the events to send::
+
+    audio -> AudioIntake -> Endpointer (silero) -> utterance
+          -> IncrementalLogMel -> PartialRequest (chunked encoder, draft-verified decode)
+          -> at the endpoint: FinalRequest (full context, = offline) -> AnalysisRequest (tags)
+
+Committed partial text never changes within an utterance (the committed tokens are
+forced in every later partial); the Final is computed afresh on the whole utterance
+and is what counts. Per utterance, work is strictly ordered: partials, then the
+final, then the analysis; utterances are processed in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from osum.audio import N_MELS, IncrementalLogMel, normalize_log_mel
+from osum.errors import InvalidConfigError, OsumError
+
+from .audio import SAMPLE_RATE, AudioFormat, AudioIntake
+from .events import Analysis, Error, Event, Final, Partial, SpeechEnded, SpeechStarted
+from .vad import Endpointer, VadEvent, VadOptions
+from .work import TAG_TASKS, AnalysisRequest, AnalysisResult, FinalRequest, FinalResult, PartialRequest, PartialResult
+
+__all__ = ["SessionConfig", "Session", "State", "Snapshot"]
+
+log = logging.getLogger("streaming.session")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """A session's options, validated once, from the client's first message."""
+
+    audio: AudioFormat = field(default_factory=AudioFormat)
+    vad: VadOptions = field(default_factory=VadOptions)
+    interim_results: bool = True
+    partial_step_ms: int = 480  # new audio between partials; also the encoder's chunk (multiple of 80 ms)
+    left_chunks: int = -1  # encoder left context for partials, in chunks (-1: the whole utterance)
+    tasks: tuple[str, ...] = ("emotion", "style", "events")  # analysis after each Final
+    max_partial_tokens: int = 80
+
+    def __post_init__(self) -> None:
+        if self.partial_step_ms < 80 or self.partial_step_ms % 80:
+            raise InvalidConfigError(f"partial_step_ms must be a positive multiple of 80, got {self.partial_step_ms}")
+        unknown = [t for t in self.tasks if t not in TAG_TASKS]
+        if unknown:
+            raise InvalidConfigError(f"unknown analysis task(s) {unknown}; known: {', '.join(TAG_TASKS)}")
+        if not 1 <= self.max_partial_tokens <= 400:
+            raise InvalidConfigError("max_partial_tokens must be in [1, 400]")
+
+    @property
+    def chunk_frames(self) -> int:
+        """Encoder frames (50 Hz) per partial step."""
+        return self.partial_step_ms // 20
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SessionConfig:
+        d = dict(d)
+        audio = AudioFormat(**d.pop("audio", {}))
+        vad = VadOptions(**d.pop("vad", {}))
+        if "tasks" in d:
+            d["tasks"] = tuple(d["tasks"])
+        return cls(audio=audio, vad=vad, **d)
+
+
+class State(enum.Enum):
+    OPEN = "open"  # accepting audio
+    ENDING = "ending"  # end of stream received: finishing the open utterances
+    CLOSED = "closed"  # everything sent
+
+
+@dataclass
+class Snapshot:
+    """What a session needs to be resumed elsewhere: plain data, no audio, no tensors."""
+
+    session_id: str
+    config: dict[str, Any]
+    seq: int
+    next_utterance: int
+    audio_offset: int  # 16 kHz samples consumed
+    finals: list[dict[str, Any]] = field(default_factory=list)  # finalized results (events as dicts)
+
+
+@dataclass
+class _Utterance:
+    id: int
+    start: int  # stream sample where the utterance audio begins
+    audio: list[np.ndarray] = field(default_factory=list)  # set at the end: [start, end)
+    n: int = 0  # samples so far
+    fed: int = 0  # samples given to the incremental log-mel
+    mel: IncrementalLogMel = field(default_factory=IncrementalLogMel)
+    mel_max: float = -np.inf
+    pending: list[torch.Tensor] = field(default_factory=list)  # raw log-mel frames not yet encoded
+    cache: Any = None
+    speech: torch.Tensor | None = None
+    committed: list[int] = field(default_factory=list)
+    unstable: list[int] = field(default_factory=list)
+    last_hyp: list[int] = field(default_factory=list)
+    since_partial: int = 0  # samples since the last partial request
+    end: int | None = None
+    reason: str = ""
+    final_ids: list[int] = field(default_factory=list)
+    final_speech: torch.Tensor | None = None
+    stage: str = "partial"  # partial -> final -> analysis -> done
+
+
+class Session:
+    """The state machine of one stream. Not thread-safe: drive it from one task."""
+
+    def __init__(self, session_id: str, config: SessionConfig, model: Any, snapshot: Snapshot | None = None) -> None:
+        self.id = session_id
+        self.config = config
+        self.model = model
+        self.intake = AudioIntake(config.audio)
+        self.vad = Endpointer(config.vad)
+        self.state = State.OPEN
+        self.seq = snapshot.seq if snapshot else 0
+        self._next_utt = snapshot.next_utterance if snapshot else 0
+        self._base = snapshot.audio_offset if snapshot else 0  # stream time of this session object's sample 0
+        self.finals: list[dict[str, Any]] = list(snapshot.finals) if snapshot else []
+        self._events: list[Event] = []
+        self._utts: list[_Utterance] = []  # open or being finished, in order
+        self._in_flight = False
+        self._buf = np.zeros(0, dtype=np.float32)  # stream audio from sample _buf_start to _now
+        self._buf_start = 0
+        self._now = 0
+        self._preroll = self.vad._pad + 2 * 512  # a start lies up to pad + one frame before the frame that fired
+
+    # ---- input ------------------------------------------------------------------------
+
+    def feed(self, data: bytes | np.ndarray) -> None:
+        """Audio from the client. A bad chunk becomes an Error event; the session goes on."""
+        if self.state is not State.OPEN:
+            self._error("session_ending", "audio after the end of stream was ignored")
+            return
+        try:
+            x = self.intake.push(data)
+        except OsumError as e:
+            self._error(e.code, str(e))
+            return
+        self._consume(x)
+
+    def finalize(self) -> None:
+        """Client Finalize: end the open utterance now (at the last sample received)."""
+        if self._open() is not None:
+            self.vad.force_end("finalize")
+            self._vad_events([VadEvent("end", self._now, "finalize")])
+
+    def end_of_stream(self) -> None:
+        """No more audio: finish the open utterance and then close."""
+        if self.state is State.OPEN:
+            self._consume(self.intake.flush())
+            if self._open() is not None:
+                self.vad.flush()
+                self._vad_events([VadEvent("end", self._now, "end_of_stream")])
+            self.state = State.ENDING
+            self._maybe_close()
+
+    def _consume(self, x: np.ndarray) -> None:
+        self._buf = np.concatenate([self._buf, x])
+        self._now += x.size
+        self._vad_events(self.vad.push(x))
+        self._feed_utterances()
+
+    # ---- VAD events and utterance audio -------------------------------------------------
+
+    def _open(self) -> _Utterance | None:
+        if self._utts and self._utts[-1].end is None:
+            return self._utts[-1]
+        return None
+
+    def _vad_events(self, events: list[VadEvent]) -> None:
+        for ev in events:
+            if ev.kind == "start":
+                u = _Utterance(self._next_utt, max(ev.sample, self._buf_start))
+                self._next_utt += 1
+                self._utts.append(u)
+                self._emit(SpeechStarted, utterance_id=u.id, start=self._t(u.start))
+                continue
+            u = self._open()
+            if u is None:
+                continue
+            self._feed_utterances()  # while still open, so that its audio stays buffered
+            end = max(ev.sample, u.start)
+            u.audio = [self._slice(u.start, end)]
+            u.end, u.reason, u.n = end, ev.reason, end - u.start
+            self._emit(SpeechEnded, utterance_id=u.id, end=self._t(u.end), reason=ev.reason)
+            if ev.reason == "too_short" or u.n < 1600:
+                self._utts.remove(u)  # nothing to transcribe: a click or a breath
+            else:
+                u.stage = "final"
+        self._feed_utterances()
+
+    def _slice(self, start: int, end: int) -> np.ndarray:
+        return self._buf[start - self._buf_start : end - self._buf_start].copy()
+
+    def _feed_utterances(self) -> None:
+        """Give the open utterance its new audio (log-mel for partials); trim the stream buffer."""
+        u = self._open()
+        if u is not None:
+            x = self._slice(u.start + u.fed, self._now)
+            if x.size:
+                u.fed += x.size
+                u.n = u.fed
+                u.since_partial += x.size
+                frames = u.mel.push(x)
+                if frames.shape[1]:
+                    u.mel_max = max(u.mel_max, float(frames.max()))
+                    u.pending.append(frames)
+        # keep the open utterance's audio, else enough pre-roll for the next start
+        keep_from = u.start if u is not None else self._now - self._preroll
+        keep_from = max(keep_from, self._buf_start)
+        self._buf = self._buf[keep_from - self._buf_start :]
+        self._buf_start = keep_from
+
+    # ---- work -------------------------------------------------------------------------
+
+    def next_work(self) -> FinalRequest | AnalysisRequest | PartialRequest | None:
+        """The next request for the model, or None. At most one is in flight per session."""
+        if self._in_flight or not self._utts:
+            return None
+        u = self._utts[0]
+        req: FinalRequest | AnalysisRequest | PartialRequest | None = None
+        if u.stage == "final":
+            req = FinalRequest(np.concatenate(u.audio)[: u.n])
+        elif u.stage == "analysis":
+            assert u.final_speech is not None
+            req = AnalysisRequest(u.final_speech, u.final_ids, tuple(self.config.tasks))
+        elif u.stage == "partial" and self.config.interim_results and u.since_partial >= self.config.partial_step_ms * 16:
+            req = self._partial_request(u)
+        if req is not None:
+            self._in_flight = True
+        return req
+
+    def _partial_request(self, u: _Utterance) -> PartialRequest:
+        raw = torch.cat(u.pending, dim=1) if u.pending else torch.zeros(N_MELS, 0)
+        u.pending = []
+        u.since_partial = 0
+        if u.cache is None:
+            u.cache = self.model.init_stream(self.config.chunk_frames, self.config.left_chunks)
+        speech = u.speech if u.speech is not None else torch.zeros(0, self.model.cfg.llm_dim)
+        # partials normalise with the running maximum; the Final recomputes with the true one
+        return PartialRequest(normalize_log_mel(raw, u.mel_max), u.cache, speech, list(u.committed), list(u.unstable),
+                              max_new_tokens=self.config.max_partial_tokens)  # fmt: skip
+
+    def apply(self, req: Any, result: Any) -> None:
+        """The result of the request last returned by :meth:`next_work`."""
+        self._in_flight = False
+        u = self._utts[0]
+        if isinstance(result, PartialResult):
+            self._apply_partial(u, result)
+        elif isinstance(result, FinalResult):
+            self._apply_final(u, result)
+        elif isinstance(result, AnalysisResult):
+            self._emit(Analysis, utterance_id=u.id, tags=result.tags)
+            self._done(u)
+        self._maybe_close()
+
+    def fail(self, req: Any, error: OsumError) -> None:
+        """The request could not be run (over capacity, model error): report and move on."""
+        self._in_flight = False
+        self._error(error.code, str(error))
+        u = self._utts[0]
+        if isinstance(req, (FinalRequest, AnalysisRequest)):
+            self._done(u)  # nothing more can be said of this utterance
+        self._maybe_close()
+
+    def _apply_partial(self, u: _Utterance, r: PartialResult) -> None:
+        u.cache, u.speech = r.cache, r.speech
+        if u.stage != "partial":
+            return  # ended while the partial ran: the Final supersedes it
+        hyp = r.tokens
+        # LocalAgreement-2: commit what two consecutive hypotheses agree on
+        agree = 0
+        while agree < min(len(hyp), len(u.last_hyp)) and hyp[agree] == u.last_hyp[agree]:
+            agree += 1
+        agree = max(agree, len(u.committed))
+        u.committed, u.unstable, u.last_hyp = hyp[:agree], hyp[agree:], hyp
+        tok = self.model.tokenizer
+        committed, full = tok.decode(u.committed), tok.decode(hyp)
+        self._emit(Partial, utterance_id=u.id, committed=committed, unstable=full[len(committed):],
+                   stability=len(u.committed) / max(len(hyp), 1), start=self._t(u.start), end=self._t(u.start + u.n))  # fmt: skip
+
+    def _apply_final(self, u: _Utterance, r: FinalResult) -> None:
+        assert u.end is not None
+        ev = self._emit(Final, utterance_id=u.id, transcript=r.text, start=self._t(u.start), end=self._t(u.end),
+                        confidence=r.confidence, reason=u.reason)  # fmt: skip
+        self.finals.append(ev.to_dict())
+        u.final_ids, u.final_speech = r.tokens, r.speech
+        if self.config.tasks and r.tokens:
+            u.stage = "analysis"
+        else:
+            self._done(u)
+
+    def _done(self, u: _Utterance) -> None:
+        u.stage = "done"
+        self._utts.remove(u)
+
+    def _maybe_close(self) -> None:
+        if self.state is State.ENDING and not self._utts and not self._in_flight:
+            self.state = State.CLOSED
+
+    # ---- output -----------------------------------------------------------------------
+
+    def _t(self, sample: int) -> float:
+        return round((self._base + sample) / SAMPLE_RATE, 3)
+
+    def _emit(self, cls: type[Event], **fields: Any) -> Event:
+        ev = cls(seq=self.seq, session_id=self.id, **fields)
+        self.seq += 1
+        self._events.append(ev)
+        return ev
+
+    def _error(self, code: str, message: str, fatal: bool = False) -> None:
+        log.info("session %s: %s: %s", self.id, code, message)
+        self._emit(Error, code=code, message=message, fatal=fatal)
+
+    def drain(self) -> list[Event]:
+        """Events produced since the last call, in order."""
+        out, self._events = self._events, []
+        return out
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.id, self.config.to_dict(), self.seq, self._next_utt,
+                        self._base + self._now, list(self.finals))  # fmt: skip

@@ -1,0 +1,186 @@
+"""Model work for streaming sessions: requests, results, and the batched functions that run them.
+
+Sessions (sans-I/O) describe what they need as requests; the scheduler's worker runs
+them on the one model, batching requests of different sessions, and hands the results
+back. Three kinds, by priority:
+
+* :class:`FinalRequest`: the whole utterance through the full-context encoder and a
+  greedy decode: exactly :func:`osum.inference.recognize` with the ASR task.
+* :class:`AnalysisRequest`: the utterance's tags by closed-set scoring, the Final's
+  transcript teacher-forced after each task's prompt; all tasks of all requests in one
+  batched pass. Tags the model does not support are ``unsupported``.
+* :class:`PartialRequest`: new mel frames through the chunked encoder (the session's
+  cache in, the new cache out), then the hypothesis: the committed tokens are forced, the
+  previous unstable tail is the draft, verified in one forward pass; decoding continues
+  only from the first token the model disagrees with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from osum.audio import log_mel
+from osum.decoding import DecodingOptions, _new_cache, _step, generate, score_continuations
+from osum.inference import _pad_mels, slot_ids
+from osum.model import OsumModel, SpeechStreamCache
+from osum.tasks import LABELS, get_task
+
+from .events import UNSUPPORTED, Label
+
+__all__ = [
+    "PartialRequest", "PartialResult", "FinalRequest", "FinalResult", "AnalysisRequest", "AnalysisResult",
+    "run_partials", "run_finals", "run_analyses", "TAG_TASKS",
+]  # fmt: skip
+
+# analysis kind -> the OSUM task whose prompt asks for it
+TAG_TASKS = {"emotion": "ser", "style": "ssr", "events": "ved", "gender": "sgc", "age": "sap"}
+_KIND = {"emotion": "emotion", "style": "style", "events": "event", "gender": "gender", "age": "age"}
+
+
+@dataclass
+class PartialRequest:
+    mel: torch.Tensor  # (n_mels, t) new normalised frames, may be empty
+    cache: SpeechStreamCache
+    speech: torch.Tensor  # (L, d_llm) speech embeddings so far
+    committed: list[int]
+    draft: list[int]  # the previous unstable tail
+    final_chunk: bool = False
+    max_new_tokens: int = 60
+
+
+@dataclass
+class PartialResult:
+    cache: SpeechStreamCache
+    speech: torch.Tensor
+    tokens: list[int]  # committed + the new tail
+    verified: int  # draft tokens accepted without decoding
+
+
+@dataclass
+class FinalRequest:
+    audio: np.ndarray  # the utterance, 16 kHz float
+
+
+@dataclass
+class FinalResult:
+    tokens: list[int]
+    text: str
+    confidence: float | None
+    speech: torch.Tensor  # (L, d_llm) full-context embeddings, reused by the analysis
+
+
+@dataclass
+class AnalysisRequest:
+    speech: torch.Tensor
+    transcript_ids: list[int]
+    kinds: tuple[str, ...]
+
+
+@dataclass
+class AnalysisResult:
+    tags: dict[str, Label] = field(default_factory=dict)
+
+
+def _prompt(model: OsumModel, task: str) -> list[int]:
+    return model.tokenizer.encode(get_task(task).prompt, add_special_tokens=False)
+
+
+@torch.inference_mode()
+def run_finals(model: OsumModel, reqs: list[FinalRequest], max_new_tokens: int = 200) -> list[FinalResult]:
+    mel, lengths = _pad_mels([log_mel(r.audio) for r in reqs])
+    speech, speech_len = model.encode_speech(mel, lengths)
+    prompt = _prompt(model, "asr")
+    hyps = generate(model.llm, model.splice([prompt] * len(reqs), speech, speech_len),
+                    DecodingOptions(max_new_tokens=max_new_tokens), model.cfg.eos_token_id)  # fmt: skip
+    out = []
+    for b, h in enumerate(hyps):
+        conf = float(np.exp(np.mean(h.token_logprobs))) if h.token_logprobs else None
+        text = model.tokenizer.decode(h.tokens).strip()
+        out.append(FinalResult(h.tokens, text, conf, speech[b, : int(speech_len[b])]))
+    return out
+
+
+@torch.inference_mode()
+def run_analyses(model: OsumModel, reqs: list[AnalysisRequest]) -> list[AnalysisResult]:
+    supported = model.cfg.supported_tasks
+    results = [AnalysisResult() for _ in reqs]
+    rows: list[tuple[int, str]] = []  # (request, kind) pairs to score
+    for i, r in enumerate(reqs):
+        for kind in r.kinds:
+            task = TAG_TASKS[kind]
+            if supported is not None and task not in supported:
+                results[i].tags[kind] = Label(UNSUPPORTED)
+            else:
+                rows.append((i, kind))
+    if not rows:
+        return results
+    eos = model.cfg.eos_token_id
+    speech = [reqs[i].speech for i, _ in rows]
+    L = max(s.shape[0] for s in speech)
+    batch = torch.zeros(len(rows), L, speech[0].shape[-1], dtype=speech[0].dtype, device=speech[0].device)
+    for j, s in enumerate(speech):
+        batch[j, : s.shape[0]] = s
+    lengths = torch.tensor([s.shape[0] for s in speech])
+    prompts = [_prompt(model, TAG_TASKS[k]) for _, k in rows]
+    inputs = model.splice(prompts, batch, lengths, [reqs[i].transcript_ids for i, _ in rows])
+    cands = []
+    for _, kind in rows:
+        task = get_task(TAG_TASKS[kind])
+        cands.append([slot_ids(model.tokenizer, task, 0, lab) + [eos] for lab in LABELS[_KIND[kind]]])
+    scores = score_continuations(model.llm, inputs, cands)
+    for (i, kind), logps in zip(rows, scores):
+        probs = torch.tensor(logps).softmax(-1).tolist()
+        dist = dict(zip(LABELS[_KIND[kind]], probs))
+        best = max(dist, key=dist.__getitem__)
+        results[i].tags[kind] = Label(best, dist[best], dist)
+    return results
+
+
+@torch.inference_mode()
+def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialResult]:
+    return [_partial(model, r) for r in reqs]
+
+
+def _partial(model: OsumModel, r: PartialRequest) -> PartialResult:
+    new, cache = model.encode_chunk(r.mel[None], r.cache, final=r.final_chunk)
+    speech = torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0]
+    if speech.shape[0] == 0:
+        return PartialResult(cache, speech, list(r.committed), 0)
+    eos = model.cfg.eos_token_id
+    forced = r.committed + r.draft
+    inputs = model.splice([_prompt(model, "asr")], speech[None], torch.tensor([speech.shape[0]]), [forced])
+    kv = _new_cache(model.llm)
+    out = model.llm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                    position_ids=inputs.position_ids, cache=kv, use_cache=True)  # fmt: skip
+    n_forced = len(forced)
+    # logits at position p predict token p + 1; the draft starts after the committed tokens
+    logits = out.logits[0, -n_forced - 1 :].float() if n_forced else out.logits[0, -1:].float()
+    pred = logits.argmax(-1).tolist()
+    tokens = list(r.committed)
+    verified = 0
+    for k, t in enumerate(r.draft):
+        if pred[len(r.committed) + k] != t:
+            break
+        tokens.append(t)
+        verified += 1
+    # drop the cached positions after the accepted prefix, then decode greedily from there
+    drop = n_forced - len(tokens)
+    if drop:
+        kv.crop(-drop)  # type: ignore[attr-defined]  # transformers 5: a negative count removes that many
+    nxt = pred[len(tokens)]
+    mask = inputs.attention_mask[:, : inputs.attention_mask.shape[1] - drop]
+    pos = int(inputs.position_ids[0, -1]) - drop
+    budget = max(1, r.max_new_tokens - len(tokens))
+    for _ in range(budget):
+        if nxt == eos:
+            break
+        tokens.append(nxt)
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        pos += 1
+        step_logits = _step(model.llm, torch.tensor([[nxt]], device=model.device), mask,
+                            torch.tensor([[pos]], device=model.device), kv)[:, -1]  # fmt: skip
+        nxt = int(step_logits.argmax(-1))
+    return PartialResult(cache, speech, tokens, verified)
