@@ -1,0 +1,133 @@
+"""The sans-I/O session on real speech with the tiny model, driven inline (no threads, no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from osum.decoding import DecodingOptions
+from osum.errors import InvalidConfigError
+from osum.inference import recognize
+from streaming.audio import AudioFormat
+from streaming.events import Analysis, Error, Final, Partial, SpeechEnded, SpeechStarted
+from streaming.session import Session, SessionConfig, Snapshot, State
+from streaming.work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
+
+SIL = np.zeros(16000, np.float32)
+FINAL_TOKENS = 12
+
+
+def _pump(s: Session, model) -> None:  # type: ignore[no-untyped-def]
+    while (req := s.next_work()) is not None:
+        if isinstance(req, PartialRequest):
+            res = run_partials(model, [req])[0]
+        elif isinstance(req, FinalRequest):
+            res = run_finals(model, [req], max_new_tokens=FINAL_TOKENS)[0]
+        else:
+            assert isinstance(req, AnalysisRequest)
+            res = run_analyses(model, [req])[0]
+        s.apply(req, res)
+
+
+def _stream(s: Session, model, audio: np.ndarray, chunk: int = 3200, end: bool = True) -> list:  # type: ignore[no-untyped-def]
+    if s.config.audio.encoding == "float32":
+        pcm = np.asarray(audio, "<f4").tobytes()
+    else:
+        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    events = []
+    for i in range(0, len(pcm), chunk):
+        s.feed(pcm[i : i + chunk])
+        _pump(s, model)
+        events += s.drain()
+    if end:
+        s.end_of_stream()
+        _pump(s, model)
+        events += s.drain()
+    return events
+
+
+CFG = SessionConfig(max_partial_tokens=6, tasks=("emotion", "gender"))
+
+
+def test_event_order_and_finals_equal_offline(tiny_model, male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
+    x = np.concatenate([SIL, male_clip, SIL, SIL, female_clip, SIL])
+    pcm_x = (np.clip(x, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768.0  # what the session hears
+    s = Session("s", CFG, tiny_model)
+    events = _stream(s, tiny_model, x)
+    assert s.state is State.CLOSED
+    assert [e.seq for e in events] == list(range(len(events)))
+    finals = [e for e in events if isinstance(e, Final)]
+    assert [f.utterance_id for f in finals] == [0, 1]
+    for f in finals:
+        seg = pcm_x[round(f.start * 16000) : round(f.end * 16000)]
+        offline = recognize(tiny_model, [seg], "asr", DecodingOptions(max_new_tokens=FINAL_TOKENS), score_tags=False)[0]
+        assert f.transcript == offline.transcript
+    for uid in (0, 1):  # per utterance: started, partials, ended, final, analysis
+        kinds = [type(e) for e in events if getattr(e, "utterance_id", None) == uid]
+        assert kinds[0] is SpeechStarted and kinds[-2:] == [Final, Analysis] and SpeechEnded in kinds
+        assert Partial in kinds
+    analysis = [e for e in events if isinstance(e, Analysis)][0]
+    assert set(analysis.tags) == {"emotion", "gender"}
+    assert sum(analysis.tags["emotion"].scores.values()) == pytest.approx(1.0, abs=1e-4)  # type: ignore[union-attr]
+
+
+def test_committed_text_only_grows(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    s = Session("s", SessionConfig(max_partial_tokens=8, tasks=()), tiny_model)
+    events = _stream(s, tiny_model, np.concatenate([SIL, male_clip, male_clip, SIL]))
+    partials = [e for e in events if isinstance(e, Partial)]
+    assert len(partials) >= 8
+    for uid in {p.utterance_id for p in partials}:
+        mine = [p for p in partials if p.utterance_id == uid]
+        for a, b in zip(mine, mine[1:]):
+            assert b.committed.startswith(a.committed)
+    assert any(p.committed for p in partials)  # something was committed
+
+
+def test_finalize_ends_the_utterance_now(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    s = Session("s", CFG, tiny_model)
+    events = _stream(s, tiny_model, np.concatenate([SIL, male_clip[:32000]]), end=False)
+    assert not any(isinstance(e, Final) for e in events)
+    s.finalize()
+    _pump(s, tiny_model)
+    events = s.drain()
+    final = [e for e in events if isinstance(e, Final)][0]
+    assert final.reason == "finalize" and final.end == pytest.approx(3.0, abs=0.01)
+    assert s.state is State.OPEN  # the stream goes on
+
+
+def test_bad_input_is_reported_and_the_session_goes_on(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    s = Session("s", SessionConfig(audio=AudioFormat(encoding="float32"), tasks=()), tiny_model)
+    s.feed(np.array([np.nan] * 100, np.float32).tobytes())
+    s.feed(b"\x00" * (11 << 20))  # 11 MB in one chunk
+    s.feed(b"\x00\x00\x80")  # not a whole float: kept for the next chunk
+    errors = [e for e in s.drain() if isinstance(e, Error)]
+    assert [e.code for e in errors] == ["invalid_audio", "invalid_audio"] and not any(e.fatal for e in errors)
+    s.feed(b"\x3f")  # completes the float (1.0)
+    events = _stream(s, tiny_model, np.concatenate([SIL, male_clip, SIL]).astype(np.float32) * 0.5, end=True)
+    assert any(isinstance(e, Final) for e in events)  # a normal utterance right after works
+
+
+def test_silence_keeps_memory_bounded(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    s = Session("s", CFG, tiny_model)
+    events = _stream(s, tiny_model, np.zeros(16000 * 120, np.float32), chunk=64000, end=False)
+    assert events == [] and s._buf.size <= s._preroll + 32000
+
+
+def test_resume_from_snapshot_continues_numbering(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    s = Session("s", CFG, tiny_model)
+    first = _stream(s, tiny_model, np.concatenate([SIL, male_clip, SIL]), end=False)
+    snap = s.snapshot()
+    again = Snapshot(**snap.__dict__)  # a plain copy, as the store would return it
+    assert again.finals and again.seq == first[-1].seq + 1
+    r = Session("s", SessionConfig.from_dict(again.config), tiny_model, snapshot=again)
+    later = _stream(r, tiny_model, np.concatenate([SIL, male_clip, SIL]))
+    assert later[0].seq == snap.seq
+    final = [e for e in later if isinstance(e, Final)][0]
+    assert final.utterance_id == 1 and final.start > snap.audio_offset / 16000
+    assert r.finals[0] == snap.finals[0] and len(r.finals) == 2
+
+
+@pytest.mark.parametrize("kwargs", [dict(partial_step_ms=100), dict(tasks=("karaoke",)), dict(max_partial_tokens=0)])
+def test_config_validated(kwargs: dict) -> None:  # type: ignore[type-arg]
+    with pytest.raises(InvalidConfigError):
+        SessionConfig(**kwargs)
