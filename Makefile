@@ -5,8 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= tiny
 
-# Debian packages the tests read: real speech with transcripts (Asterisk's English prompts)
-APT_TEST := asterisk-core-sounds-en-wav asterisk-core-sounds-en
+# Debian packages the tests use: real speech with transcripts (Asterisk's English prompts), Redis
+APT_TEST := asterisk-core-sounds-en-wav asterisk-core-sounds-en redis-server
 
 .PHONY: demo test bench-encoder clean
 

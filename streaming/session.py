@@ -230,8 +230,12 @@ class Session:
 
     # ---- work -------------------------------------------------------------------------
 
-    def next_work(self) -> FinalRequest | AnalysisRequest | PartialRequest | None:
-        """The next request for the model, or None. At most one is in flight per session."""
+    def next_work(self, allow_partial: bool = True) -> FinalRequest | AnalysisRequest | PartialRequest | None:
+        """The next request for the model, or None. At most one is in flight per session.
+
+        ``allow_partial=False`` (the worker lags real time) skips partials; their audio is
+        encoded with the next one that runs.
+        """
         if self._in_flight or not self._utts:
             return None
         u = self._utts[0]
@@ -241,7 +245,8 @@ class Session:
         elif u.stage == "analysis":
             assert u.final_speech is not None
             req = AnalysisRequest(u.final_speech, u.final_ids, tuple(self.config.tasks))
-        elif u.stage == "partial" and self.config.interim_results and u.since_partial >= self.config.partial_step_ms * 16:
+        elif (u.stage == "partial" and allow_partial and self.config.interim_results
+              and u.since_partial >= self.config.partial_step_ms * 16):  # fmt: skip
             req = self._partial_request(u)
         if req is not None:
             self._in_flight = True

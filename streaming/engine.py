@@ -1,0 +1,235 @@
+"""The engine: many live sessions over one model, for servers to drive.
+
+    engine = Engine(model, EngineOptions(), store=InMemoryStore())
+    await engine.start()
+    s = await engine.open_session(SessionConfig(...))         # or resume=session_id
+    await s.send(pcm_bytes); await s.finalize(); await s.end()
+    async for event in s.events(): ...
+    await engine.stop()
+
+Each :class:`LiveSession` has a driver task that asks its sans-I/O
+:class:`~streaming.session.Session` for model work, runs it on the shared
+:class:`~streaming.scheduler.Scheduler` and publishes the resulting events to a bounded
+queue and, for finalized results, to the :class:`~streaming.store.SessionStore`. Audio
+decoding and VAD run in a small thread pool, never on the event loop.
+
+Capacity: at most ``max_sessions`` sessions; when the worker lags real time by more than
+``max_backlog_s`` new sessions are refused with :class:`OverCapacityError` and partials
+are skipped until it catches up (finals are never skipped). A client that does not read
+its events for ``slow_consumer_s`` loses its session (fatal ``slow_consumer`` error);
+others are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from osum.errors import OsumError
+
+from .events import Analysis, Event, Final, event_from_dict
+from .scheduler import Scheduler, SchedulerOptions
+from .session import Session, SessionConfig, State
+from .store import InMemoryStore, SessionStore
+
+__all__ = ["Engine", "EngineOptions", "LiveSession", "OverCapacityError", "SessionNotFoundError"]
+
+log = logging.getLogger("streaming.engine")
+
+
+class OverCapacityError(OsumError):
+    code = "over_capacity"
+
+
+class SessionNotFoundError(OsumError):
+    code = "session_not_found"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    max_sessions: int = 64
+    max_backlog_s: float = 1.0
+    event_queue: int = 256
+    slow_consumer_s: float = 10.0
+    feed_threads: int = 2
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
+
+
+class Engine:
+    def __init__(self, model: Any, options: EngineOptions | None = None, store: SessionStore | None = None) -> None:
+        self.model = model
+        self.opt = options or EngineOptions()
+        self.store: SessionStore = store if store is not None else InMemoryStore()
+        self.scheduler = Scheduler(model, self.opt.scheduler)
+        self.sessions: dict[str, LiveSession] = {}
+        self._pool = ThreadPoolExecutor(self.opt.feed_threads, thread_name_prefix="osum-feed")
+        self.accepting = False
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        self.accepting = True
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting; with ``drain``, finish every open utterance and store the state. Idempotent."""
+        self.accepting = False
+        sessions = list(self.sessions.values())
+        if drain:
+            await asyncio.gather(*(s.end() for s in sessions), return_exceptions=True)
+            await asyncio.gather(*(s.wait_closed() for s in sessions), return_exceptions=True)
+        for s in sessions:
+            s._driver.cancel()
+        self.scheduler.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        await self.store.close()
+
+    @property
+    def overloaded(self) -> bool:
+        return self.scheduler.backlog_seconds > self.opt.max_backlog_s
+
+    async def open_session(self, config: SessionConfig, resume: str | None = None, last_seq: int = -1) -> LiveSession:
+        """A new session, or, with ``resume``, the stored one continued (results after ``last_seq`` replayed).
+
+        Raises:
+            OverCapacityError: too many sessions, the worker lags, or the engine is stopping.
+            SessionNotFoundError: nothing stored under ``resume`` (unknown or expired).
+        """
+        if not self.accepting:
+            raise OverCapacityError("the engine is not accepting sessions (starting or shutting down)")
+        if len(self.sessions) >= self.opt.max_sessions or self.overloaded:
+            raise OverCapacityError(f"over capacity ({len(self.sessions)} sessions); retry later")
+        snapshot, replay = None, []
+        if resume is not None:
+            old = self.sessions.get(resume)
+            if old is not None:  # the same session reconnecting here: close the old connection's side
+                await old.abort()
+            snapshot = await self.store.load(resume)
+            if snapshot is None:
+                raise SessionNotFoundError(f"no session {resume!r} to resume (unknown or expired)")
+            config = SessionConfig.from_dict(snapshot.config)
+            replay = [event_from_dict(e) for e in await self.store.results_after(resume, last_seq)]
+        sid = resume or uuid.uuid4().hex
+        live = LiveSession(self, Session(sid, config, self.model, snapshot), replay)
+        self.sessions[sid] = live
+        await self.store.save(live.session.snapshot())
+        return live
+
+
+class LiveSession:
+    """One session's async face. Methods are safe to call from one client task."""
+
+    def __init__(self, engine: Engine, session: Session, replay: list[Event]) -> None:
+        self.engine = engine
+        self.session = session
+        self.id = session.id
+        self._out: asyncio.Queue[Event | None] = asyncio.Queue(engine.opt.event_queue)
+        for ev in replay:
+            self._out.put_nowait(ev)
+        self._lock = asyncio.Lock()  # the Session is not thread-safe: feed and work take turns
+        self._kick = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._driver = asyncio.get_running_loop().create_task(self._drive(), name=f"session-{self.id}")
+
+    # ---- client side --------------------------------------------------------------------
+
+    async def send(self, data: bytes | np.ndarray) -> None:
+        """Audio. Decoding and VAD run in the feed pool; the driver then asks for model work."""
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            await loop.run_in_executor(self.engine._pool, self.session.feed, data)
+        self._kick.set()
+
+    async def finalize(self) -> None:
+        async with self._lock:
+            self.session.finalize()
+        self._kick.set()
+
+    async def end(self) -> None:
+        """End of stream: the open utterance is finished; events() ends after the last result."""
+        async with self._lock:
+            self.session.end_of_stream()
+        self._kick.set()
+
+    async def abort(self) -> None:
+        """The client went away: finish what was heard, keep the results in the store for a resume."""
+        await self.end()
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events in order until the session closes."""
+        while (ev := await self._out.get()) is not None:
+            yield ev
+
+    # ---- driver ---------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        s, eng = self.session, self.engine
+        try:
+            while s.state is not State.CLOSED:
+                self._kick.clear()  # before asking: a send after this point wakes the wait below
+                async with self._lock:
+                    req = s.next_work(allow_partial=not eng.overloaded)
+                if req is None:
+                    await self._publish()
+                    if s.state is State.CLOSED:
+                        break
+                    await self._kick.wait()
+                    continue
+                try:
+                    result = await eng.scheduler.run(req)
+                except OsumError as e:
+                    async with self._lock:
+                        s.fail(req, e)
+                else:
+                    async with self._lock:
+                        s.apply(req, result)
+                await self._publish()
+        except _SlowConsumer:
+            log.warning("session %s: client not reading events; closing", self.id)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await self._finish()
+
+    async def _publish(self) -> None:
+        events = self.session.drain()
+        store = self.engine.store
+        for ev in events:
+            if isinstance(ev, (Final, Analysis)):
+                await store.add_result(self.id, ev.to_dict())
+        if any(isinstance(ev, (Final, Analysis)) for ev in events):
+            await store.save(self.session.snapshot())
+        for ev in events:
+            try:
+                await asyncio.wait_for(self._out.put(ev), self.engine.opt.slow_consumer_s)
+            except TimeoutError:
+                raise _SlowConsumer from None
+
+    async def _finish(self) -> None:
+        try:
+            await self.engine.store.save(self.session.snapshot())
+        except Exception:  # the store is down: the results already sent stay sent
+            log.exception("session %s: could not store the final snapshot", self.id)
+        if self.engine.sessions.get(self.id) is self:
+            del self.engine.sessions[self.id]
+        while True:  # make room for the end marker even if the client stopped reading
+            try:
+                self._out.put_nowait(None)
+                break
+            except asyncio.QueueFull:
+                self._out.get_nowait()
+        self._closed.set()
+
+
+class _SlowConsumer(Exception):
+    pass
+

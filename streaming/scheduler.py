@@ -1,0 +1,158 @@
+"""The model's one worker: batches the work of many sessions, off the event loop.
+
+Sessions submit requests from the event loop with ``await scheduler.run(req)``; a
+single worker thread owns the model and, each round, takes up to ``max_batch``
+requests of the most urgent kind (finals, then analyses, then partials), waiting up to
+``max_wait_ms`` for more of that kind to arrive, runs them as one batch, and resolves
+their futures on the loop.
+
+Bounds: each session has at most one request in flight, so the queue is bounded by the
+number of sessions, which the engine caps; :attr:`Scheduler.backlog_seconds` estimates
+how far behind real time the worker is, so the engine can stop asking for partials and
+refuse new sessions ("over capacity") rather than fall behind. An exception while
+running a batch fails only that batch's requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from osum.errors import OsumError
+
+from .work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
+
+__all__ = ["Scheduler", "SchedulerOptions", "ModelError", "SchedulerClosed"]
+
+log = logging.getLogger("streaming.scheduler")
+
+
+class ModelError(OsumError):
+    code = "model_error"
+
+
+class SchedulerClosed(OsumError):
+    code = "shutting_down"
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    final_max_tokens: int = 200
+
+
+_ORDER = (FinalRequest, AnalysisRequest, PartialRequest)
+
+
+class Scheduler:
+    def __init__(self, model: Any, options: SchedulerOptions | None = None) -> None:
+        self.model = model
+        self.opt = options or SchedulerOptions()
+        self._queues: dict[type, deque[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]]] = {
+            k: deque() for k in _ORDER
+        }
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._busy_since: float | None = None
+        self.batches = 0
+        self.requests = 0
+        self._runners: dict[type, Callable[[list[Any]], list[Any]]] = {
+            FinalRequest: lambda reqs: run_finals(self.model, reqs, self.opt.final_max_tokens),
+            AnalysisRequest: lambda reqs: run_analyses(self.model, reqs),
+            PartialRequest: lambda reqs: run_partials(self.model, reqs),
+        }
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name="osum-model-worker", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop taking work; requests still queued fail with :class:`SchedulerClosed`. Idempotent."""
+        with self._cv:
+            self._closed = True
+            pending = [item for q in self._queues.values() for item in q]
+            for q in self._queues.values():
+                q.clear()
+            self._cv.notify_all()
+        for _req, fut, loop in pending:
+            loop.call_soon_threadsafe(_set_exception, fut, SchedulerClosed("the engine is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def queued(self) -> int:
+        with self._cv:
+            return sum(len(q) for q in self._queues.values())
+
+    @property
+    def backlog_seconds(self) -> float:
+        """How long the oldest queued request has waited (0 when idle): the lag behind real time."""
+        with self._cv:
+            oldest = min((item[1]._osum_t for q in self._queues.values() for item in q), default=None)  # type: ignore[attr-defined]
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+    async def run(self, req: Any) -> Any:
+        """Run one request on the model (batched with others); returns its result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        fut._osum_t = time.monotonic()  # type: ignore[attr-defined]
+        with self._cv:
+            if self._closed:
+                raise SchedulerClosed("the engine is shutting down")
+            self._queues[type(req)].append((req, fut, loop))
+            self._cv.notify()
+        return await fut
+
+    def _take(self) -> tuple[type, list[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]]] | None:
+        with self._cv:
+            while not self._closed and not any(self._queues.values()):
+                self._cv.wait()
+            if self._closed:
+                return None
+            kind = next(k for k in _ORDER if self._queues[k])
+            deadline = time.monotonic() + self.opt.max_wait_ms / 1000
+            q = self._queues[kind]
+            while len(q) < self.opt.max_batch and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)  # more of this kind may come; a close wakes us too
+                if self._closed:
+                    return None
+            batch = [q.popleft() for _ in range(min(len(q), self.opt.max_batch))]
+            return kind, batch
+
+    def _worker(self) -> None:
+        while (taken := self._take()) is not None:
+            kind, batch = taken
+            batch = [item for item in batch if not item[1].cancelled()]
+            if not batch:
+                continue
+            try:
+                results = self._runners[kind]([item[0] for item in batch])
+            except Exception as e:  # one bad batch must not kill the worker
+                log.exception("model work failed (%s x%d)", kind.__name__, len(batch))
+                err = ModelError(f"model work failed: {type(e).__name__}")
+                for _req, fut, loop in batch:
+                    loop.call_soon_threadsafe(_set_exception, fut, err)
+                continue
+            self.batches += 1
+            self.requests += len(batch)
+            for (_req, fut, loop), res in zip(batch, results):
+                loop.call_soon_threadsafe(_set_result, fut, res)
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

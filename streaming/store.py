@@ -1,0 +1,137 @@
+"""Where session state lives between connections and across replicas.
+
+A :class:`SessionStore` keeps, per session, the resumable :class:`~streaming.session.Snapshot`
+(plain JSON: config, sequence numbers, audio offset; never audio or device caches) and the
+ordered log of its finalized results (Final and Analysis events), and fans every result
+out to a global analytics stream. Two implementations:
+
+* :class:`RedisStore` (``redis.asyncio``): the snapshot in a hash ``osum:session:<id>`` with
+  a TTL, the results in a Stream ``osum:results:<id>`` trimmed to ``max_results``, and
+  every result also in ``osum:results`` trimmed to ``global_maxlen``, for dashboards and
+  storage to follow calls live with consumer groups;
+* :class:`InMemoryStore`: the same behaviour in one process (tests, local use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Protocol
+
+from .session import Snapshot
+
+__all__ = ["SessionStore", "InMemoryStore", "RedisStore"]
+
+
+class SessionStore(Protocol):
+    async def save(self, snap: Snapshot) -> None:
+        """Store (replace) a session's snapshot and refresh its TTL."""
+
+    async def load(self, session_id: str) -> Snapshot | None:
+        """The snapshot, or None if unknown or expired."""
+
+    async def add_result(self, session_id: str, event: dict[str, Any]) -> None:
+        """Append a finalized result (a Final or Analysis event as a dict) to the session's log."""
+
+    async def results_after(self, session_id: str, seq: int) -> list[dict[str, Any]]:
+        """The session's stored results with ``seq`` greater than the given one, in order."""
+
+    async def delete(self, session_id: str) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class InMemoryStore:
+    def __init__(self, ttl_s: float = 3600.0, max_results: int = 10000) -> None:
+        self.ttl_s, self.max_results = ttl_s, max_results
+        self._snaps: dict[str, tuple[float, str]] = {}
+        self._results: dict[str, list[dict[str, Any]]] = {}
+        self.global_log: list[dict[str, Any]] = []
+        self._lock = asyncio.Lock()
+
+    async def save(self, snap: Snapshot) -> None:
+        async with self._lock:
+            self._snaps[snap.session_id] = (time.monotonic() + self.ttl_s, json.dumps(snap.__dict__))
+
+    async def load(self, session_id: str) -> Snapshot | None:
+        item = self._snaps.get(session_id)
+        if item is None or item[0] < time.monotonic():
+            return None
+        return Snapshot(**json.loads(item[1]))
+
+    async def add_result(self, session_id: str, event: dict[str, Any]) -> None:
+        async with self._lock:
+            log = self._results.setdefault(session_id, [])
+            log.append(json.loads(json.dumps(event)))
+            del log[: max(0, len(log) - self.max_results)]
+            self.global_log.append(event)
+
+    async def results_after(self, session_id: str, seq: int) -> list[dict[str, Any]]:
+        return [e for e in self._results.get(session_id, []) if e["seq"] > seq]
+
+    async def delete(self, session_id: str) -> None:
+        self._snaps.pop(session_id, None)
+        self._results.pop(session_id, None)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisStore:
+    """Session state in Redis. Give it a URL (``redis://host:port/0`` or ``unix:///path.sock``)."""
+
+    def __init__(self, url: str, ttl_s: int = 3600, max_results: int = 10000, global_maxlen: int = 100000,
+                 prefix: str = "osum") -> None:  # fmt: skip
+        import redis.asyncio as redis
+
+        self.redis = redis.from_url(url, decode_responses=True)
+        self.ttl_s, self.max_results, self.global_maxlen, self.prefix = ttl_s, max_results, global_maxlen, prefix
+
+    def _k(self, kind: str, sid: str = "") -> str:
+        return f"{self.prefix}:{kind}:{sid}" if sid else f"{self.prefix}:{kind}"
+
+    async def save(self, snap: Snapshot) -> None:
+        key = self._k("session", snap.session_id)
+        fields = {k: json.dumps(v) for k, v in snap.__dict__.items()}
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hset(key, mapping=fields)
+            p.expire(key, self.ttl_s)
+            p.expire(self._k("results", snap.session_id), self.ttl_s)
+            await p.execute()
+
+    async def load(self, session_id: str) -> Snapshot | None:
+        raw = await self.redis.hgetall(self._k("session", session_id))
+        if not raw:
+            return None
+        return Snapshot(**{k: json.loads(v) for k, v in raw.items()})
+
+    async def add_result(self, session_id: str, event: dict[str, Any]) -> None:
+        body = {"session_id": session_id, "seq": str(event["seq"]), "type": event["type"], "event": json.dumps(event)}
+        async with self.redis.pipeline(transaction=True) as p:
+            p.xadd(self._k("results", session_id), body, maxlen=self.max_results, approximate=False)
+            p.expire(self._k("results", session_id), self.ttl_s)
+            p.xadd(self._k("results"), body, maxlen=self.global_maxlen, approximate=True)
+            await p.execute()
+
+    async def results_after(self, session_id: str, seq: int) -> list[dict[str, Any]]:
+        entries = await self.redis.xrange(self._k("results", session_id))
+        events = [json.loads(fields["event"]) for _id, fields in entries]
+        return [e for e in events if e["seq"] > seq]
+
+    async def delete(self, session_id: str) -> None:
+        await self.redis.delete(self._k("session", session_id), self._k("results", session_id))
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except Exception:  # connection refused, timeout: not ready
+            return False
+
+    async def close(self) -> None:
+        await self.redis.aclose()

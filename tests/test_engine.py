@@ -1,0 +1,171 @@
+"""The async engine: many sessions on one worker, capacity, resume, slow clients, the Redis store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streaming.engine import Engine, EngineOptions, OverCapacityError, SessionNotFoundError
+from streaming.events import Analysis, Error, Final, SpeechStarted
+from streaming.scheduler import SchedulerOptions
+from streaming.session import SessionConfig
+from streaming.store import InMemoryStore, RedisStore
+
+from .redis_server import redis_server
+
+SIL = np.zeros(16000, np.float32)
+CFG = SessionConfig(max_partial_tokens=4, tasks=("emotion",))
+OPTS = EngineOptions(scheduler=SchedulerOptions(max_batch=4, max_wait_ms=20, final_max_tokens=6))
+
+
+def _pcm(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def _talk(engine: Engine, audio: np.ndarray, chunk: int = 6400, end: bool = True):  # type: ignore[no-untyped-def]
+    s = await engine.open_session(CFG)
+    data = _pcm(audio)
+    for i in range(0, len(data), chunk):
+        await s.send(data[i : i + chunk])
+    if end:
+        await s.end()
+    return s
+
+
+async def _collect(s) -> list:  # type: ignore[no-untyped-def]
+    return [ev async for ev in s.events()]
+
+
+def test_concurrent_sessions_share_batches(tiny_model, male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> list[list]:
+        engine = Engine(tiny_model, OPTS)
+        await engine.start()
+        clips = [male_clip, female_clip, male_clip[::-1].copy(), female_clip]
+        sessions = await asyncio.gather(*(_talk(engine, np.concatenate([SIL, c, SIL])) for c in clips))
+        results = await asyncio.gather(*(_collect(s) for s in sessions))
+        assert engine.scheduler.batches < engine.scheduler.requests  # work of several sessions was batched
+        await engine.stop()
+        return results
+
+    results = asyncio.run(main())
+    for events in results:
+        kinds = [type(e) for e in events]
+        assert kinds[0] is SpeechStarted and Final in kinds and kinds[-1] is Analysis
+        assert [e.seq for e in events] == list(range(len(events)))
+    # the same audio gives the same final, whatever else ran in its batch
+    assert [e.transcript for e in results[1] if isinstance(e, Final)] == [e.transcript for e in results[3] if isinstance(e, Final)]
+
+
+def test_over_capacity_and_stopping(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        engine = Engine(tiny_model, replace(OPTS, max_sessions=1))
+        with pytest.raises(OverCapacityError, match="not accepting"):
+            await engine.open_session(CFG)
+        await engine.start()
+        await engine.open_session(CFG)
+        with pytest.raises(OverCapacityError, match="over capacity"):
+            await engine.open_session(CFG)
+        await engine.stop()
+
+    asyncio.run(main())
+
+
+def _resume_flow(tiny_model, male_clip, store) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        engine = Engine(tiny_model, OPTS, store=store)
+        await engine.start()
+        s = await _talk(engine, np.concatenate([SIL, male_clip, SIL]), end=False)
+        first = []
+        async for ev in s.events():  # the client reads up to the SpeechStarted, then vanishes
+            first.append(ev)
+            if isinstance(ev, SpeechStarted):
+                break
+        await s.abort()  # abrupt disconnect: the utterance is still finished and stored
+        with pytest.raises(SessionNotFoundError):
+            await engine.open_session(CFG, resume="nope")
+        r = await engine.open_session(CFG, resume=s.id, last_seq=first[-1].seq)
+        data = _pcm(np.concatenate([male_clip, SIL]))
+        for i in range(0, len(data), 6400):
+            await r.send(data[i : i + 6400])
+        await r.end()
+        later = await _collect(r)
+        await engine.stop()
+        replayed = [e for e in later if e.seq < later[-1].seq and isinstance(e, (Final, Analysis)) and e.utterance_id == 0]
+        assert [type(e) for e in replayed[:2]] == [Final, Analysis]  # the unacknowledged results, once each
+        seqs = [e.seq for e in later]
+        assert seqs == sorted(set(seqs)) and seqs[0] > first[-1].seq
+        finals = [e for e in later if isinstance(e, Final)]
+        assert [f.utterance_id for f in finals] == [0, 1]  # numbering continues
+        assert finals[1].start > finals[0].end
+
+    asyncio.run(main())
+
+
+def test_resume_with_memory_store(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    _resume_flow(tiny_model, male_clip, InMemoryStore())
+
+
+def test_resume_with_redis(tiny_model, male_clip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with redis_server(tmp_path) as url:
+        _resume_flow(tiny_model, male_clip, RedisStore(url))
+
+
+def test_redis_store_layout(tmp_path: Path) -> None:
+    """Snapshot hash with a TTL, a per-session results stream, the global analytics stream."""
+    from streaming.session import Snapshot
+
+    async def main() -> None:
+        store = RedisStore(url, ttl_s=60, max_results=3)
+        assert await store.ping()
+        snap = Snapshot("abc", {"tasks": ["emotion"]}, seq=7, next_utterance=2, audio_offset=16000, finals=[{"seq": 3}])
+        await store.save(snap)
+        assert await store.load("abc") == snap and await store.load("zzz") is None
+        assert 0 < await store.redis.ttl("osum:session:abc") <= 60
+        for seq in range(5):
+            await store.add_result("abc", {"type": "Final", "seq": seq, "transcript": f"t{seq}"})
+        assert [e["seq"] for e in await store.results_after("abc", 2)] == [3, 4]
+        assert await store.redis.xlen("osum:results:abc") == 3  # trimmed to max_results
+        entries = await store.redis.xrange("osum:results")
+        assert [json.loads(f["event"])["transcript"] for _, f in entries] == [f"t{i}" for i in range(5)]
+        await store.delete("abc")
+        assert await store.load("abc") is None
+        await store.close()
+
+    with redis_server(tmp_path) as url:
+        asyncio.run(main())
+
+
+def test_slow_client_loses_only_its_session(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        engine = Engine(tiny_model, replace(OPTS, event_queue=1, slow_consumer_s=0.2))
+        await engine.start()
+        slow = await _talk(engine, np.concatenate([SIL, male_clip, SIL]))  # never reads
+        fast = await _talk(engine, np.concatenate([SIL, male_clip, SIL]))
+        got = await _collect(fast)
+        assert any(isinstance(e, Final) for e in got)
+        await asyncio.wait_for(slow.wait_closed(), 30)
+        assert slow.id not in engine.sessions
+        await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_bad_audio_reports_an_error_event(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> list:
+        engine = Engine(tiny_model, OPTS)
+        await engine.start()
+        s = await engine.open_session(replace(CFG, audio=replace(CFG.audio, max_chunk_bytes=4096)))
+        await s.send(b"\x00" * 10000)
+        await s.send(_pcm(np.concatenate([SIL, male_clip, SIL]))[:4000])
+        await s.end()
+        events = await _collect(s)
+        await engine.stop()
+        return events
+
+    events = asyncio.run(main())
+    assert isinstance(events[0], Error) and events[0].code == "invalid_audio" and not events[0].fatal
