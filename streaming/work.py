@@ -173,7 +173,7 @@ def _partial(model: OsumModel, r: PartialRequest) -> PartialResult:
     nxt = pred[len(tokens)]
     mask = inputs.attention_mask[:, : inputs.attention_mask.shape[1] - drop]
     pos = int(inputs.position_ids[0, -1]) - drop
-    budget = max(1, r.max_new_tokens - len(tokens))
+    budget = max(0, r.max_new_tokens - len(tokens))  # a hypothesis holds at most max_new_tokens
     for _ in range(budget):
         if nxt == eos:
             break

@@ -131,3 +131,24 @@ def test_resume_from_snapshot_continues_numbering(tiny_model, male_clip) -> None
 def test_config_validated(kwargs: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(InvalidConfigError):
         SessionConfig(**kwargs)
+
+
+def test_draft_verification_accepts_a_correct_draft_in_one_pass(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """The previous hypothesis, given as the draft, is verified without decoding and changes nothing."""
+    import torch
+
+    from osum.audio import log_mel
+
+    mel = log_mel(male_clip)[:, :240]
+    req = PartialRequest(mel, tiny_model.init_stream(24), torch.zeros(0, tiny_model.cfg.llm_dim), [], [], max_new_tokens=8)
+    scratch = run_partials(tiny_model, [req])[0]
+    assert len(scratch.tokens) == 8 and scratch.verified == 0
+    again = run_partials(tiny_model, [PartialRequest(mel, req.cache, req.speech, [], scratch.tokens, max_new_tokens=8)])[0]
+    assert again.tokens == scratch.tokens and again.verified == 8
+    # a wrong draft is cut at its first wrong token and decoding resumes from there
+    wrong = scratch.tokens[:3] + [(scratch.tokens[3] + 1) % 1000] + scratch.tokens[4:]
+    fixed = run_partials(tiny_model, [PartialRequest(mel, req.cache, req.speech, [], wrong, max_new_tokens=8)])[0]
+    assert fixed.verified == 3 and fixed.tokens == scratch.tokens
+    # committed tokens are forced even where the model would disagree
+    forced = run_partials(tiny_model, [PartialRequest(mel, req.cache, req.speech, wrong[:4], [], max_new_tokens=8)])[0]
+    assert forced.tokens[:4] == wrong[:4]
