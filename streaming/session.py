@@ -241,7 +241,7 @@ class Session:
         u = self._utts[0]
         req: FinalRequest | AnalysisRequest | PartialRequest | None = None
         if u.stage == "final":
-            req = FinalRequest(np.concatenate(u.audio)[: u.n])
+            req = FinalRequest(np.concatenate(u.audio)[: u.n], draft=list(u.last_hyp))
         elif u.stage == "analysis":
             assert u.final_speech is not None
             req = AnalysisRequest(u.final_speech, u.final_ids, tuple(self.config.tasks))

@@ -62,6 +62,7 @@ class PartialResult:
 @dataclass
 class FinalRequest:
     audio: np.ndarray  # the utterance, 16 kHz float
+    draft: list[int] = field(default_factory=list)  # the last partial hypothesis, to verify
 
 
 @dataclass
@@ -92,14 +93,24 @@ def _prompt(model: OsumModel, task: str) -> list[int]:
 def run_finals(model: OsumModel, reqs: list[FinalRequest], max_new_tokens: int = 200) -> list[FinalResult]:
     mel, lengths = _pad_mels([log_mel(r.audio) for r in reqs])
     speech, speech_len = model.encode_speech(mel, lengths)
-    prompt = _prompt(model, "asr")
-    hyps = generate(model.llm, model.splice([prompt] * len(reqs), speech, speech_len),
-                    DecodingOptions(max_new_tokens=max_new_tokens), model.cfg.eos_token_id)  # fmt: skip
+    plain = [b for b, r in enumerate(reqs) if not r.draft]  # no draft: one batched greedy decode
+    decoded: dict[int, tuple[list[int], list[float]]] = {}
+    if plain:
+        prompt = _prompt(model, "asr")
+        sub = speech[plain]
+        hyps = generate(model.llm, model.splice([prompt] * len(plain), sub, speech_len[plain]),
+                        DecodingOptions(max_new_tokens=max_new_tokens), model.cfg.eos_token_id)  # fmt: skip
+        decoded |= {b: (h.tokens, h.token_logprobs) for b, h in zip(plain, hyps)}
+    for b, r in enumerate(reqs):  # with a draft: verify it in one pass, decode only past it
+        if r.draft:
+            tokens, lps, _ = verify_and_decode(model, speech[b, : int(speech_len[b])], [], r.draft, max_new_tokens)
+            decoded[b] = (tokens, lps)
     out = []
-    for b, h in enumerate(hyps):
-        conf = float(np.exp(np.mean(h.token_logprobs))) if h.token_logprobs else None
-        text = model.tokenizer.decode(h.tokens).strip()
-        out.append(FinalResult(h.tokens, text, conf, speech[b, : int(speech_len[b])]))
+    for b in range(len(reqs)):
+        tokens, lps = decoded[b]
+        conf = float(np.exp(np.mean(lps))) if lps else None
+        text = model.tokenizer.decode(tokens).strip()
+        out.append(FinalResult(tokens, text, conf, speech[b, : int(speech_len[b])]))
     return out
 
 
@@ -149,38 +160,50 @@ def _partial(model: OsumModel, r: PartialRequest) -> PartialResult:
     speech = torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0]
     if speech.shape[0] == 0:
         return PartialResult(cache, speech, list(r.committed), 0)
+    tokens, _, verified = verify_and_decode(model, speech, r.committed, r.draft, r.max_new_tokens)
+    return PartialResult(cache, speech, tokens, verified)
+
+
+def verify_and_decode(
+    model: OsumModel, speech: torch.Tensor, forced: list[int], draft: list[int], max_tokens: int
+) -> tuple[list[int], list[float], int]:
+    """Greedy decoding after the ASR prompt and ``speech``, with ``forced`` tokens imposed and
+    ``draft`` tokens checked in the same forward pass.
+
+    Draft tokens are accepted while they equal the greedy choice, so with no forced tokens
+    the result is exactly greedy decoding from scratch, whatever the draft; a good draft
+    just saves the decoding steps. Returns (tokens, their log-probabilities, draft tokens
+    accepted); stops at eos or ``max_tokens``.
+    """
     eos = model.cfg.eos_token_id
-    forced = r.committed + r.draft
-    inputs = model.splice([_prompt(model, "asr")], speech[None], torch.tensor([speech.shape[0]]), [forced])
+    prefix = forced + draft
+    inputs = model.splice([_prompt(model, "asr")], speech[None], torch.tensor([speech.shape[0]]), [prefix])
     kv = _new_cache(model.llm)
     out = model.llm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
                     position_ids=inputs.position_ids, cache=kv, use_cache=True)  # fmt: skip
-    n_forced = len(forced)
-    # logits at position p predict token p + 1; the draft starts after the committed tokens
-    logits = out.logits[0, -n_forced - 1 :].float() if n_forced else out.logits[0, -1:].float()
-    pred = logits.argmax(-1).tolist()
-    tokens = list(r.committed)
+    # logits at position p predict token p + 1: the last len(prefix) + 1 positions matter
+    logp = out.logits[0, -len(prefix) - 1 :].float().log_softmax(-1)
+    pred = logp.argmax(-1).tolist()
+    tokens, lps = list(forced), [float(logp[i, t]) for i, t in enumerate(forced)]
     verified = 0
-    for k, t in enumerate(r.draft):
-        if pred[len(r.committed) + k] != t:
+    for k, t in enumerate(draft):
+        if pred[len(forced) + k] != t or len(tokens) >= max_tokens:
             break
         tokens.append(t)
+        lps.append(float(logp[len(forced) + k, t]))
         verified += 1
-    # drop the cached positions after the accepted prefix, then decode greedily from there
-    drop = n_forced - len(tokens)
+    drop = len(prefix) - len(tokens)  # cached positions after the accepted prefix
     if drop:
         kv.crop(-drop)  # type: ignore[attr-defined]  # transformers 5: a negative count removes that many
-    nxt = pred[len(tokens)]
+    nxt, nxt_lp = pred[len(tokens)], float(logp[len(tokens)].max())
     mask = inputs.attention_mask[:, : inputs.attention_mask.shape[1] - drop]
     pos = int(inputs.position_ids[0, -1]) - drop
-    budget = max(0, r.max_new_tokens - len(tokens))  # a hypothesis holds at most max_new_tokens
-    for _ in range(budget):
-        if nxt == eos:
-            break
+    while len(tokens) < max_tokens and nxt != eos:
         tokens.append(nxt)
+        lps.append(nxt_lp)
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         pos += 1
-        step_logits = _step(model.llm, torch.tensor([[nxt]], device=model.device), mask,
-                            torch.tensor([[pos]], device=model.device), kv)[:, -1]  # fmt: skip
-        nxt = int(step_logits.argmax(-1))
-    return PartialResult(cache, speech, tokens, verified)
+        step = _step(model.llm, torch.tensor([[nxt]], device=model.device), mask,
+                     torch.tensor([[pos]], device=model.device), kv)[0, -1].log_softmax(-1)  # fmt: skip
+        nxt, nxt_lp = int(step.argmax()), float(step.max())
+    return tokens, lps, verified
