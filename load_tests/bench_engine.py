@@ -1,0 +1,172 @@
+"""Latency of the streaming engine under N concurrent real-time streams of real speech.
+
+Each stream plays real speech clips (CMU ARCTIC, and the Asterisk prompts when installed)
+separated by 1.0-1.6 s pauses, in 100 ms chunks at real-time pace, into one engine
+in this process (no network: the servers' overhead is measured by the load tests).
+For every utterance it records, in wall time:
+
+* first partial: from the speech's start in the audio to the first Partial;
+* final: from the end of speech (the true end of the clip, not the VAD's decision, so
+  the configured trailing silence is included) to the Final;
+* analysis: from the Final to the Analysis (tags);
+
+and prints P50/P95 per N, the worker's real-time factor (busy seconds per audio second)
+and memory per session for a 30 s utterance.
+
+    python load_tests/bench_engine.py --model tiny --streams 1,2,4 --seconds 20
+    python load_tests/bench_engine.py --model osum-mini-random    # osum-mini sizes, random adapter (timing only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from osum.audio import load_audio
+from streaming.engine import Engine, EngineOptions
+from streaming.events import Analysis, Final, Partial
+from streaming.session import SessionConfig
+
+CHUNK = 1600  # 100 ms
+
+
+def clips() -> list[np.ndarray]:
+    assets = Path(__file__).resolve().parent.parent / "osum" / "assets"
+    out = [load_audio(assets / "arctic_a0007.wav"), load_audio(assets / "arctic_a0009.wav")]
+    root = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
+    if root.is_dir():
+        files = sorted(f for f in root.glob("*.wav") if 1.5 < f.stat().st_size / 16000 < 8)  # 8 kHz PCM16
+        out += [load_audio(f) for f in files[:20]]
+    return out
+
+
+def program(seconds: float, rng: random.Random, pool: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Speech with pauses, and the true (start, end) samples of each clip."""
+    parts, segs, n = [np.zeros(8000, np.float32)], [], 8000
+    while n < seconds * 16000:
+        c = rng.choice(pool)
+        segs.append((n, n + len(c)))
+        pause = np.zeros(int(rng.uniform(1.0, 1.6) * 16000), np.float32)
+        parts += [c, pause]
+        n += len(c) + len(pause)
+    return np.concatenate(parts), segs
+
+
+async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]], cfg: SessionConfig) -> dict[str, list[float]]:
+    s = await engine.open_session(cfg)
+    sent_at: dict[int, float] = {}  # sample index at a chunk's end -> wall time it was sent
+    lat: dict[str, list[float]] = {"first_partial": [], "final": [], "analysis": []}
+
+    def sent_time(sample: int) -> float:
+        k = min((k for k in sent_at if k >= sample), default=max(sent_at))
+        return sent_at[k]
+
+    async def reader() -> None:
+        final_at: dict[int, float] = {}
+        seen_partial: set[int] = set()
+        async for ev in s.events():
+            now = time.perf_counter()
+            if isinstance(ev, Partial) and ev.utterance_id not in seen_partial:
+                seen_partial.add(ev.utterance_id)
+                seg = min(segs, key=lambda se: abs(se[0] / 16000 - ev.start))
+                lat["first_partial"].append(now - sent_time(seg[0]))
+            elif isinstance(ev, Final):
+                seg = min(segs, key=lambda se: abs(se[1] / 16000 - ev.end))
+                lat["final"].append(now - sent_time(seg[1]))
+                final_at[ev.utterance_id] = now
+            elif isinstance(ev, Analysis) and ev.utterance_id in final_at:
+                lat["analysis"].append(now - final_at[ev.utterance_id])
+
+    task = asyncio.create_task(reader())
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    t0 = time.perf_counter()
+    for i in range(0, len(pcm), CHUNK):
+        await asyncio.sleep(max(0.0, t0 + i / 16000 - time.perf_counter()))
+        await s.send(pcm[i : i + CHUNK].tobytes())
+        sent_at[i + CHUNK] = time.perf_counter()
+    await s.end()
+    await task
+    return lat
+
+
+def pct(xs: list[float], q: float) -> str:
+    return f"{np.percentile(xs, q) * 1000:6.0f}" if xs else "     -"
+
+
+def memory_per_session(model: object) -> float:
+    """Bytes of encoder/adapter caches for a 30 s utterance streamed in 0.48 s chunks."""
+    cache = model.init_stream(24)  # type: ignore[attr-defined]
+    mel = torch.randn(1, 80, 3000)
+    with torch.no_grad():
+        for i in range(0, 3000, 48):
+            _, cache = model.encode_chunk(mel[:, :, i : i + 48], cache)  # type: ignore[attr-defined]
+    return cache.nbytes() + 30 * 16000 * 4 + 3000 * 80 * 4  # + the utterance audio and its log-mel
+
+
+def load(name: str):  # type: ignore[no-untyped-def]
+    """A model by name; ``osum-mini-random`` is the prepared osum-mini base with a random adapter
+    (same sizes and cost as the trained model; for timing only)."""
+    from osum.loading import cache_dir, load_base_with_overlay, load_model
+
+    if name != "osum-mini-random":
+        return load_model(name)
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from osum.config import PRESETS
+    from osum.model import OsumModel
+
+    torch.manual_seed(0)
+    parts = OsumModel(PRESETS["osum-mini"], llm=torch.nn.Identity())  # the adapter side only
+    keep = ("down_sample_2.", "speech_transformer.", "speech_llama_proj.", "speech_token_emded.")
+    overlay = {k: v.contiguous() for k, v in parts.state_dict().items() if k.startswith(keep) and ".pos_enc." not in k}
+    path = Path(tempfile.mkdtemp()) / "random.safetensors"
+    save_file(overlay, str(path))
+    return load_base_with_overlay(cache_dir() / "osum-mini", path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--streams", default="1,2,4")
+    ap.add_argument("--seconds", type=float, default=20.0, help="audio per stream")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tasks", default="emotion,style,events")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load(args.model)
+    pool = clips()
+    cfg = SessionConfig(tasks=tuple(t for t in args.tasks.split(",") if t))
+    print(f"model {args.model}; {args.threads} threads; partial step {cfg.partial_step_ms} ms; "
+          f"endpoint silence {cfg.vad.min_silence_ms} ms; {args.seconds:.0f} s of audio per stream")  # fmt: skip
+    print(f"{'streams':>7} {'utts':>5} | {'first partial P50/P95 ms':>25} | {'final P50/P95 ms':>17} | {'analysis P50/P95 ms':>20} | {'CPU/audio':>9}")
+    for n in (int(x) for x in args.streams.split(",")):
+        rng = random.Random(n)
+        progs = [program(args.seconds, rng, pool) for _ in range(n)]
+
+        async def run() -> tuple[list[dict[str, list[float]]], float, float]:
+            engine = Engine(model, EngineOptions(max_sessions=max(64, n)))
+            await engine.start()
+            t0 = time.process_time()
+            res = await asyncio.gather(*(stream(engine, a, s, cfg) for a, s in progs))
+            cpu = time.process_time() - t0
+            await engine.stop()
+            return res, cpu, sum(len(a) for a, _ in progs) / 16000
+
+        res, cpu, audio_s = asyncio.run(run())
+        merged = {k: [x for r in res for x in r[k]] for k in ("first_partial", "final", "analysis")}
+        print(f"{n:7d} {len(merged['final']):5d} | {pct(merged['first_partial'], 50)} / {pct(merged['first_partial'], 95):>6}          "
+              f"| {pct(merged['final'], 50)} / {pct(merged['final'], 95):>6} | {pct(merged['analysis'], 50)} / {pct(merged['analysis'], 95):>6}     "
+              f"| {cpu / audio_s / args.threads:5.2f}")  # fmt: skip
+    print(f"memory per session, 30 s utterance (caches + audio + log-mel): {memory_per_session(model) / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
