@@ -25,6 +25,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class RunConfig:
     ctc_weight: float = 1.0  # joint stage: weight of the auxiliary CTC loss
     tasks: dict[str, float] = field(default_factory=lambda: {"asr": 0.6, "sgc": 0.4})  # joint stage task mix
     time_mask: float = 0.1  # fraction of encoder frames zeroed per item (SpecAugment-like)
+    ctc_min_count: int = 1  # CTC vocabulary: token types seen at least this often in the training texts
     eval_every: int = 250
     eval_items: int = 101  # held-out real prompts to decode at each evaluation
     seed: int = 0
@@ -153,7 +155,8 @@ class Trainer:
         self.feats = load_features(Path(cfg.feats))
         self.train_items = [it for it in items if it["split"] == "train" and it["id"] in self.feats]
         self.test_items = [it for it in items if it["split"] == "test" and it["id"] in self.feats][: cfg.eval_items]
-        vocab = sorted({t for it in self.train_items for t in self.tok.encode(it["text"], add_special_tokens=False)})
+        counts = Counter(t for it in self.train_items for t in self.tok.encode(it["text"], add_special_tokens=False))
+        vocab = sorted(t for t, c in counts.items() if c >= cfg.ctc_min_count)
         self.ctc = CTCHead(self.model.llm.get_input_embeddings().weight.detach(), vocab).to(self.device)
         if cfg.stage == "joint":
             add_lora(self.model.llm, ocfg.lora_targets, ocfg.lora_rank, ocfg.lora_alpha, dropout=0.05)
