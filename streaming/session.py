@@ -49,6 +49,7 @@ class SessionConfig:
     partial_step_ms: int = 480  # new audio between partials; also the encoder's chunk (multiple of 80 ms)
     left_chunks: int = -1  # encoder left context for partials, in chunks (-1: the whole utterance)
     tasks: tuple[str, ...] = ("emotion", "style", "events")  # analysis after each Final
+    chat: bool = False  # voice chat: the model's reply to each utterance (STTC) in its Analysis
     max_partial_tokens: int = 80
 
     def __post_init__(self) -> None:
@@ -244,7 +245,7 @@ class Session:
             req = FinalRequest(np.concatenate(u.audio)[: u.n], draft=list(u.last_hyp))
         elif u.stage == "analysis":
             assert u.final_speech is not None
-            req = AnalysisRequest(u.final_speech, u.final_ids, tuple(self.config.tasks))
+            req = AnalysisRequest(u.final_speech, u.final_ids, tuple(self.config.tasks), chat=self.config.chat)
         elif (u.stage == "partial" and allow_partial and self.config.interim_results
               and u.since_partial >= self.config.partial_step_ms * 16):  # fmt: skip
             req = self._partial_request(u)
@@ -272,7 +273,7 @@ class Session:
         elif isinstance(result, FinalResult):
             self._apply_final(u, result)
         elif isinstance(result, AnalysisResult):
-            self._emit(Analysis, utterance_id=u.id, tags=result.tags)
+            self._emit(Analysis, utterance_id=u.id, tags=result.tags, reply=result.reply)
             self._done(u)
         self._maybe_close()
 
@@ -307,7 +308,7 @@ class Session:
                         confidence=r.confidence, reason=u.reason)  # fmt: skip
         self.finals.append(ev.to_dict())
         u.final_ids, u.final_speech = r.tokens, r.speech
-        if self.config.tasks and r.tokens:
+        if (self.config.tasks or self.config.chat) and r.tokens:
             u.stage = "analysis"
         else:
             self._done(u)

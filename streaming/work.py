@@ -26,7 +26,7 @@ from osum.audio import log_mel
 from osum.decoding import DecodingOptions, _new_cache, _step, generate, score_continuations
 from osum.inference import _pad_mels, slot_ids
 from osum.model import OsumModel, SpeechStreamCache
-from osum.tasks import LABELS, get_task
+from osum.tasks import LABELS, STTC_SEPARATOR, get_task
 
 from .events import UNSUPPORTED, Label
 
@@ -78,11 +78,14 @@ class AnalysisRequest:
     speech: torch.Tensor
     transcript_ids: list[int]
     kinds: tuple[str, ...]
+    chat: bool = False  # also write STTC's reply to the utterance
+    max_reply_tokens: int = 120
 
 
 @dataclass
 class AnalysisResult:
     tags: dict[str, Label] = field(default_factory=dict)
+    reply: str | None = None
 
 
 def _prompt(model: OsumModel, task: str) -> list[int]:
@@ -126,6 +129,7 @@ def run_analyses(model: OsumModel, reqs: list[AnalysisRequest]) -> list[Analysis
                 results[i].tags[kind] = Label(UNSUPPORTED)
             else:
                 rows.append((i, kind))
+    _replies(model, reqs, results)
     if not rows:
         return results
     eos = model.cfg.eos_token_id
@@ -148,6 +152,28 @@ def run_analyses(model: OsumModel, reqs: list[AnalysisRequest]) -> list[Analysis
         best = max(dist, key=dist.__getitem__)
         results[i].tags[kind] = Label(best, dist[best], dist)
     return results
+
+
+def _replies(model: OsumModel, reqs: list[AnalysisRequest], results: list[AnalysisResult]) -> None:
+    """STTC: ``[prompt, speech, transcript <开始回答>]`` then the model's answer, greedy, batched."""
+    chat = [i for i, r in enumerate(reqs) if r.chat]
+    if not chat:
+        return
+    if model.cfg.supported_tasks is not None and "sttc" not in model.cfg.supported_tasks:
+        for i in chat:
+            results[i].tags["chat"] = Label(UNSUPPORTED)
+        return
+    sep = model.tokenizer.encode(STTC_SEPARATOR, add_special_tokens=False)
+    speech = [reqs[i].speech for i in chat]
+    L = max(s.shape[0] for s in speech)
+    batch = torch.zeros(len(chat), L, speech[0].shape[-1], dtype=speech[0].dtype, device=speech[0].device)
+    for j, sp in enumerate(speech):
+        batch[j, : sp.shape[0]] = sp
+    lengths = torch.tensor([sp.shape[0] for sp in speech])
+    inputs = model.splice([_prompt(model, "sttc")] * len(chat), batch, lengths, [reqs[i].transcript_ids + sep for i in chat])
+    opts = DecodingOptions(max_new_tokens=max(reqs[i].max_reply_tokens for i in chat))
+    for i, h in zip(chat, generate(model.llm, inputs, opts, model.cfg.eos_token_id)):
+        results[i].reply = model.tokenizer.decode(h.tokens).strip()
 
 
 @torch.inference_mode()

@@ -152,3 +152,25 @@ def test_draft_verification_accepts_a_correct_draft_in_one_pass(tiny_model, male
     # committed tokens are forced even where the model would disagree
     forced = run_partials(tiny_model, [PartialRequest(mel, req.cache, req.speech, wrong[:4], [], max_new_tokens=8)])[0]
     assert forced.tokens[:4] == wrong[:4]
+
+
+def test_chat_reply_and_unsupported_tasks(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """STTC's reply comes in the Analysis; kinds a model lacks are 'unsupported', never invented."""
+    from dataclasses import replace
+
+    from streaming.events import UNSUPPORTED
+
+    s = Session("s", SessionConfig(max_partial_tokens=4, tasks=("emotion",), chat=True), tiny_model)
+    events = _stream(s, tiny_model, np.concatenate([SIL, male_clip, SIL]))
+    analysis = [e for e in events if isinstance(e, Analysis)][0]
+    assert analysis.reply  # the random model says something; the point is that it is generated
+    original = tiny_model.cfg
+    try:
+        tiny_model.cfg = replace(original, supported_tasks=("asr", "sgc"))
+        s = Session("s", SessionConfig(max_partial_tokens=4, tasks=("emotion", "gender"), chat=True), tiny_model)
+        analysis = [e for e in _stream(s, tiny_model, np.concatenate([SIL, male_clip, SIL])) if isinstance(e, Analysis)][0]
+    finally:
+        tiny_model.cfg = original
+    assert analysis.tags["emotion"].label == UNSUPPORTED and analysis.tags["emotion"].score is None
+    assert analysis.tags["chat"].label == UNSUPPORTED and analysis.reply is None
+    assert analysis.tags["gender"].label in ("male", "female") and analysis.tags["gender"].score is not None
