@@ -288,8 +288,8 @@ class Session:
 
     def _apply_partial(self, u: _Utterance, r: PartialResult) -> None:
         u.cache, u.speech = r.cache, r.speech
-        if u.stage != "partial":
-            return  # ended while the partial ran: the Final supersedes it
+        if u.stage not in ("partial", "final"):
+            return  # the Final was already sent: it supersedes this partial
         hyp = r.tokens
         # LocalAgreement-2: commit what two consecutive hypotheses agree on
         agree = 0

@@ -210,9 +210,9 @@ class RecognizeRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
 class RecognizeResponse(_message.Message):
-    __slots__ = ("results", "analysis")
+    __slots__ = ("results", "analyses")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
-    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    ANALYSES_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[StreamingRecognitionResult]
-    analysis: Analysis
-    def __init__(self, results: _Optional[_Iterable[_Union[StreamingRecognitionResult, _Mapping]]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
+    analyses: _containers.RepeatedCompositeFieldContainer[Analysis]
+    def __init__(self, results: _Optional[_Iterable[_Union[StreamingRecognitionResult, _Mapping]]] = ..., analyses: _Optional[_Iterable[_Union[Analysis, _Mapping]]] = ...) -> None: ...

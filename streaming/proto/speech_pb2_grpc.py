@@ -57,7 +57,8 @@ class SpeechServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Recognize(self, request, context):
-        """A whole file (wav, flac or ogg, at most 30 s) or raw audio in the configured encoding.
+        """A whole recording (a wav, flac or ogg file, or raw audio in the configured encoding),
+        at most 10 minutes, segmented into utterances by the same VAD as streaming.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

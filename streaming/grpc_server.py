@@ -1,0 +1,174 @@
+"""gRPC: ``osum.speech.v1.Speech`` over the engine (``grpc.aio``).
+
+The servicer only translates: the first request's ``streaming_config`` becomes a
+:class:`SessionConfig`, audio chunks and control messages become engine calls, engine
+events become :class:`StreamingRecognizeResponse` messages. Errors map once, through
+:mod:`streaming.status`, to status codes. HTTP/2 flow control gives backpressure: the
+request reader awaits each ``send``, so a client faster than the engine is slowed, not
+buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from osum.errors import InvalidConfigError, OsumError
+
+from .audio import AudioFormat
+from .engine import Engine
+from .events import Analysis, Error, Event, Final, Partial, SpeechEnded, SpeechStarted
+from .proto import speech_pb2 as pb
+from .proto import speech_pb2_grpc
+from .session import SessionConfig
+from .status import RETRY_AFTER_S, grpc_status
+from .vad import VadOptions
+
+__all__ = ["SpeechServicer", "session_config", "to_response", "serve"]
+
+log = logging.getLogger("streaming.grpc")
+
+_ENCODINGS = {pb.RecognitionConfig.ENCODING_UNSPECIFIED: "pcm16", pb.RecognitionConfig.LINEAR16: "pcm16",
+              pb.RecognitionConfig.FLOAT32: "float32"}  # fmt: skip
+
+
+class ProtocolError(OsumError):
+    code = "protocol_error"
+
+
+def session_config(sc: pb.StreamingRecognitionConfig) -> SessionConfig:
+    """Validate a streaming config once. Raises InvalidConfigError with the reason."""
+    c = sc.config
+    if c.encoding not in _ENCODINGS:
+        raise InvalidConfigError(f"unsupported encoding {c.encoding}")
+    audio = AudioFormat(encoding=_ENCODINGS[c.encoding], sample_rate=c.sample_rate_hertz or 16000,
+                        channels=c.audio_channel_count or 1)  # fmt: skip
+    vad = VadOptions()
+    if c.HasField("endpointing_config"):
+        e = c.endpointing_config
+        vad = VadOptions(
+            threshold=e.threshold or vad.threshold, min_silence_ms=e.min_silence_ms or vad.min_silence_ms,
+            min_speech_ms=e.min_speech_ms or vad.min_speech_ms, max_utterance_s=e.max_utterance_s or vad.max_utterance_s,
+        )  # fmt: skip
+    return SessionConfig(
+        audio=audio, vad=vad, interim_results=sc.interim_results, partial_step_ms=sc.partial_step_ms or 480,
+        tasks=tuple(c.analysis_tasks), chat=c.enable_chat_reply,
+    )  # fmt: skip
+
+
+def to_response(ev: Event) -> pb.StreamingRecognizeResponse:
+    r = pb.StreamingRecognizeResponse(seq=ev.seq, session_id=ev.session_id)
+    if isinstance(ev, SpeechStarted):
+        r.speech_event_type = pb.StreamingRecognizeResponse.SPEECH_ACTIVITY_BEGIN
+        r.speech_event_time = ev.start
+    elif isinstance(ev, SpeechEnded):
+        r.speech_event_type = pb.StreamingRecognizeResponse.SPEECH_ACTIVITY_END
+        r.speech_event_time = ev.end
+    elif isinstance(ev, Partial):
+        r.results.append(pb.StreamingRecognitionResult(
+            alternatives=[pb.SpeechRecognitionAlternative(transcript=ev.committed + ev.unstable)],
+            is_final=False, stability=ev.stability, result_start_time=ev.start, result_end_time=ev.end,
+            utterance_id=ev.utterance_id, committed_transcript=ev.committed, unstable_transcript=ev.unstable,
+        ))  # fmt: skip
+    elif isinstance(ev, Final):
+        words = [pb.WordInfo(word=w.text, start_time=w.start, end_time=w.end) for w in ev.words]
+        r.results.append(pb.StreamingRecognitionResult(
+            alternatives=[pb.SpeechRecognitionAlternative(transcript=ev.transcript, confidence=ev.confidence or 0.0, words=words)],
+            is_final=True, stability=1.0, result_start_time=ev.start, result_end_time=ev.end, utterance_id=ev.utterance_id,
+        ))  # fmt: skip
+    elif isinstance(ev, Analysis):
+        tags = {k: pb.Label(label=v.label, score=v.score or 0.0, scores=v.scores or {}) for k, v in ev.tags.items()}
+        r.analysis.CopyFrom(pb.Analysis(utterance_id=ev.utterance_id, tags=tags, reply=ev.reply or ""))
+    elif isinstance(ev, Error):
+        r.error.CopyFrom(pb.StreamError(code=ev.code, message=ev.message, fatal=ev.fatal))
+    return r
+
+
+class SpeechServicer(speech_pb2_grpc.SpeechServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def StreamingRecognize(  # noqa: N802 (gRPC's method name)
+        self, requests: AsyncIterator[pb.StreamingRecognizeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("streaming_request") != "streaming_config":
+            await _abort(context, ProtocolError("the first message must carry streaming_config, and only it"))
+        try:
+            cfg = session_config(first.streaming_config)
+            sc = first.streaming_config
+            session = await self.engine.open_session(cfg, resume=sc.resume_token or None, last_seq=sc.last_seq if sc.resume_token else -1)
+        except OsumError as e:
+            await _abort(context, e)
+        reader = asyncio.create_task(self._read(requests, session))
+        token_sent = False
+        try:
+            async for ev in session.events():
+                resp = to_response(ev)
+                if not token_sent:
+                    resp.resume_token, token_sent = session.id, True
+                yield resp
+            if reader.done() and reader.exception() is not None:
+                await _abort(context, reader.exception())  # type: ignore[arg-type]
+        finally:
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            if not session._closed.is_set():  # the client went away: finish and store what was heard
+                await session.abort()
+
+    async def _read(self, requests: AsyncIterator[pb.StreamingRecognizeRequest], session: Any) -> None:
+        try:
+            async for req in requests:
+                kind = req.WhichOneof("streaming_request")
+                if kind == "audio_content":
+                    await session.send(req.audio_content)
+                elif kind == "control":
+                    if req.control.kind == pb.ControlMessage.FINALIZE:
+                        await session.finalize()
+                elif kind == "streaming_config":
+                    raise ProtocolError("streaming_config is only allowed in the first message")
+                else:
+                    raise ProtocolError("empty request")
+        finally:
+            await session.end()
+
+    async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:  # noqa: N802
+        from .recognize import recognize_file
+
+        try:
+            finals, analyses = await recognize_file(self.engine, request.config, request.audio)
+        except OsumError as e:
+            await _abort(context, e)
+        return pb.RecognizeResponse(
+            results=[to_response(f).results[0] for f in finals], analyses=[to_response(a).analysis for a in analyses]
+        )
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
+    if isinstance(e, OsumError):
+        details = str(e)
+        if e.code == "over_capacity":
+            details += f" (retry after {RETRY_AFTER_S} s)"
+            context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
+        await context.abort(grpc_status(e.code), details)
+    log.error("internal error", exc_info=e)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+async def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """Start a gRPC server for ``engine``; returns it and the bound port."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2 << 20)])
+    speech_pb2_grpc.add_SpeechServicer_to_server(SpeechServicer(engine), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound

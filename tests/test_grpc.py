@@ -1,0 +1,132 @@
+"""A real gRPC server on 127.0.0.1 (port 0) with a real client, over the engine and the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streaming.engine import Engine, EngineOptions
+from streaming.events import Final
+from streaming.grpc_server import serve
+from streaming.proto import speech_pb2 as pb
+from streaming.proto import speech_pb2_grpc
+from streaming.scheduler import SchedulerOptions
+from streaming.session import SessionConfig
+
+SIL = np.zeros(16000, np.float32)
+OPTS = EngineOptions(scheduler=SchedulerOptions(final_max_tokens=6))
+
+
+def _pcm(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def _config(**kw) -> pb.StreamingRecognizeRequest:  # type: ignore[no-untyped-def]
+    rc = pb.RecognitionConfig(encoding=pb.RecognitionConfig.LINEAR16, sample_rate_hertz=16000, analysis_tasks=["emotion"])
+    sc = pb.StreamingRecognitionConfig(config=rc, interim_results=True, partial_step_ms=480)
+    for k, v in kw.items():
+        setattr(sc, k, v)
+    return pb.StreamingRecognizeRequest(streaming_config=sc)
+
+
+async def _requests(audio: np.ndarray, first: pb.StreamingRecognizeRequest | None = None, extra: list | None = None):  # type: ignore[no-untyped-def]
+    yield first or _config()
+    # a refused config ends the call at once; a client still writing then may see INTERNAL
+    # from its own writer instead of the server's status (a grpc-python client race)
+    await asyncio.sleep(0.05)
+    data = _pcm(audio)
+    for i in range(0, len(data), 8000):
+        yield pb.StreamingRecognizeRequest(audio_content=data[i : i + 8000])
+    for req in extra or []:
+        yield req
+
+
+async def _with_server(model, body, options=OPTS):  # type: ignore[no-untyped-def]
+    engine = Engine(model, options)
+    await engine.start()
+    server, port = await serve(engine, "127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return await body(speech_pb2_grpc.SpeechStub(channel), engine)
+    finally:
+        await server.stop(None)
+        await engine.stop()
+
+
+def test_streaming_over_grpc_equals_the_engine(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    audio = np.concatenate([SIL, male_clip, SIL])
+
+    async def body(stub, engine):  # type: ignore[no-untyped-def]
+        responses = [r async for r in stub.StreamingRecognize(_requests(audio))]
+        direct = await engine.open_session(SessionConfig(tasks=("emotion",)))
+        data = _pcm(audio)
+        for i in range(0, len(data), 8000):
+            await direct.send(data[i : i + 8000])
+        await direct.end()
+        finals = [e.transcript async for e in direct.events() if isinstance(e, Final)]
+        return responses, finals
+
+    responses, finals = asyncio.run(_with_server(tiny_model, body))
+    assert responses[0].resume_token and [r.seq for r in responses] == list(range(len(responses)))
+    kinds = [r.speech_event_type for r in responses if r.speech_event_type]
+    assert kinds == [pb.StreamingRecognizeResponse.SPEECH_ACTIVITY_BEGIN, pb.StreamingRecognizeResponse.SPEECH_ACTIVITY_END]
+    interim = [r.results[0] for r in responses if r.results and not r.results[0].is_final]
+    final = [r.results[0] for r in responses if r.results and r.results[0].is_final]
+    assert interim and all(0 <= x.stability <= 1 for x in interim)
+    assert [f.alternatives[0].transcript for f in final] == finals
+    analysis = [r.analysis for r in responses if r.HasField("analysis")][0]
+    assert analysis.tags["emotion"].label and 0 < analysis.tags["emotion"].score <= 1
+
+
+@pytest.mark.parametrize(
+    ("first", "extra", "code", "message"),
+    [
+        (pb.StreamingRecognizeRequest(audio_content=b"\x00\x00"), None, grpc.StatusCode.INVALID_ARGUMENT, "first message"),
+        (None, [_config()], grpc.StatusCode.INVALID_ARGUMENT, "only allowed in the first"),
+        (_config(partial_step_ms=100), None, grpc.StatusCode.INVALID_ARGUMENT, "multiple of 80"),
+        (_config(resume_token="nope", last_seq=3), None, grpc.StatusCode.NOT_FOUND, "no session"),
+    ],
+)
+def test_bad_streams_get_their_status(tiny_model, male_clip, first, extra, code, message) -> None:  # type: ignore[no-untyped-def]
+    async def body(stub, engine):  # type: ignore[no-untyped-def]
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in stub.StreamingRecognize(_requests(male_clip[:16000], first, extra)):
+                pass
+        assert e.value.code() == code and message in e.value.details()
+        # the server is still healthy: a normal stream right after works
+        ok = [r async for r in stub.StreamingRecognize(_requests(np.concatenate([SIL, male_clip, SIL])))]
+        assert any(r.results and r.results[0].is_final for r in ok)
+
+    asyncio.run(_with_server(tiny_model, body))
+
+
+def test_over_capacity_is_resource_exhausted(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    async def body(stub, engine):  # type: ignore[no-untyped-def]
+        await engine.open_session(SessionConfig())  # takes the only place
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in stub.StreamingRecognize(_requests(male_clip[:8000])):
+                pass
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after" in e.value.details()
+
+    asyncio.run(_with_server(tiny_model, body, replace(OPTS, max_sessions=1)))
+
+
+def test_recognize_a_file(tiny_model, male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    sf.write(buf, np.concatenate([SIL, male_clip, SIL, SIL, female_clip, SIL]), 16000, format="FLAC")
+
+    async def body(stub, engine):  # type: ignore[no-untyped-def]
+        cfg = pb.RecognitionConfig(analysis_tasks=["gender"])
+        resp = await stub.Recognize(pb.RecognizeRequest(config=cfg, audio=buf.getvalue()))
+        assert len(resp.results) == 2 and all(r.is_final for r in resp.results) and len(resp.analyses) == 2
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Recognize(pb.RecognizeRequest(config=cfg, audio=b"not audio"))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(_with_server(tiny_model, body))
