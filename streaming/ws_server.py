@@ -53,22 +53,25 @@ class ListenHandler:
             return
         await ws.send(json.dumps({"type": "Begin", "session_id": session.id, "resume_token": session.id}))
         writer = asyncio.create_task(self._write(ws, session))
-        try:
-            await self._read(ws, session)
-        except ProtocolError as e:
-            await _send_error(ws, e.code, str(e))
-            await session.end()
-            await writer
-            await ws.close(ws_close_code(e.code), str(e)[:120])
+        reader = asyncio.create_task(self._read(ws, session))
+        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        if reader.done():
+            error = reader.exception()
+            if isinstance(error, ProtocolError):
+                await _send_error(ws, error.code, str(error))
+            elif error is not None and not isinstance(error, ConnectionClosed):
+                log.error("session %s: reader failed", session.id, exc_info=error)
+            await session.end()  # abrupt disconnect too: finish what was heard, keep it for a resume
+            with contextlib.suppress(ConnectionClosed):
+                await writer
+            code = ws_close_code(error.code) if isinstance(error, ProtocolError) else 1000
+            await ws.close(code, str(error)[:120] if isinstance(error, ProtocolError) else "stream closed")
             return
-        except ConnectionClosed:
-            pass  # abrupt disconnect: finish what was heard; results stay in the store for a resume
-        finally:
-            if not writer.done():
-                await session.end()
-        with contextlib.suppress(ConnectionClosed):
-            await writer
-        await ws.close(1000, "stream closed")
+        # the session ended on the server's side (drain, slow client): stop reading and close
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await reader
+        await ws.close(1000 if self.engine.accepting else 1012, "stream closed" if self.engine.accepting else "server restarting")
 
     async def _open(self, ws: ServerConnection, params: dict[str, str]) -> LiveSession | None:
         """Config from the query, or from a Configure message that comes first."""

@@ -1,0 +1,174 @@
+"""``osum-serve``: the gRPC and WebSocket servers over one engine, in one process.
+
+    osum-serve [--model NAME|DIR] [--host 127.0.0.1] [--grpc-port 50051] [--ws-port 8080]
+
+* Session state: ``REDIS_URL`` when set; otherwise a private ``redis-server`` on a unix
+  socket in a temporary folder when the binary is installed; otherwise in memory (with a
+  warning: sessions then cannot be resumed on another process).
+* HTTP on the WebSocket port: ``/healthz`` (the process runs) and ``/readyz`` (model
+  loaded, accepting sessions, the store reachable).
+* Logs: one JSON object per line on stderr.
+* SIGTERM or SIGINT drains: stop accepting, finish open utterances, store their
+  results, exit 0.
+
+It prints one line ``{"event": "listening", "grpc_port": ..., "ws_port": ...}`` on stdout
+when ready (ports may be 0 to let the system choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from .engine import Engine, EngineOptions
+from .store import InMemoryStore, RedisStore, SessionStore
+
+__all__ = ["main", "run"]
+
+log = logging.getLogger("osum.serve")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        d: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                             "msg": record.getMessage()}  # fmt: skip
+        for key in ("session_id", "code"):
+            if hasattr(record, key):
+                d[key] = getattr(record, key)
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d, ensure_ascii=False)
+
+
+class PrivateRedis:
+    """A redis-server of our own on a unix socket, for when no REDIS_URL is given."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="osum-redis-"))
+        self.sock = self.dir / "redis.sock"
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(self.sock),
+             "--unixsocketperm", "700", "--dir", str(self.dir), "--save", "", "--appendonly", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(250):
+            if self.sock.exists():
+                break
+            time.sleep(0.02)
+        else:
+            self.stop()
+            raise RuntimeError("the private redis-server did not start")
+        self.url = f"unix://{self.sock}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def make_store() -> tuple[SessionStore, PrivateRedis | None]:
+    url = os.environ.get("REDIS_URL")
+    if url:
+        log.info("session state in Redis at %s", url.split("@")[-1])
+        return RedisStore(url), None
+    if shutil.which("redis-server"):
+        private = PrivateRedis()
+        log.info("session state in a private redis-server (%s)", private.sock)
+        return RedisStore(private.url), private
+    log.warning("no REDIS_URL and no redis-server: session state in memory; sessions cannot resume elsewhere")
+    return InMemoryStore(), None
+
+
+def http_endpoints(engine: Engine) -> Any:
+    async def process_request(conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return conn.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            ready = engine.accepting and await engine.store.ping()
+            return conn.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, "ready\n" if ready else "not ready\n")
+        if path != "/v1/listen":
+            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        return None  # the WebSocket handshake goes on
+
+    return process_request
+
+
+async def run(args: argparse.Namespace) -> int:
+    from osum.loading import load_model
+
+    from .grpc_server import serve as serve_grpc
+    from .ws_server import serve_ws
+
+    t0 = time.perf_counter()
+    model = await asyncio.to_thread(load_model, args.model, args.device)
+    log.info("model %s loaded in %.1f s", model.cfg.name, time.perf_counter() - t0)
+    store, private = make_store()
+    engine = Engine(model, EngineOptions(max_sessions=args.max_sessions), store=store)
+    await engine.start()
+    grpc_server, grpc_port = await serve_grpc(engine, args.host, args.grpc_port)
+    ws_server, ws_port = await serve_ws(engine, args.host, args.ws_port, process_request=http_endpoints(engine))
+    print(json.dumps({"event": "listening", "grpc_port": grpc_port, "ws_port": ws_port}), flush=True)
+    log.info("listening: gRPC %s:%d, WebSocket/HTTP %s:%d", args.host, grpc_port, args.host, ws_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: no new sessions; finishing open utterances")
+    engine.accepting = False
+    ws_server.close(close_connections=False)  # stop listening; live connections finish below
+    grpc_stop = asyncio.create_task(grpc_server.stop(grace=30))
+    await engine.stop(drain=True)
+    await grpc_stop
+    ws_server.close()
+    await ws_server.wait_closed()
+    if private is not None:
+        private.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="osum-serve", description="osum-live streaming service (gRPC + WebSocket)")
+    ap.add_argument("--model", default=os.environ.get("OSUM_MODEL", "osum-mini"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--grpc-port", type=int, default=50051)
+    ap.add_argument("--ws-port", type=int, default=8080)
+    ap.add_argument("--max-sessions", type=int, default=64)
+    args = ap.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    try:
+        return asyncio.run(run(args))
+    except Exception as e:  # startup failures: one clear line, exit 1
+        from osum.errors import OsumError
+
+        if isinstance(e, OsumError):
+            log.error("cannot start: %s", e)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
