@@ -1,4 +1,4 @@
-# Two entry points (see README): `make demo` runs the main job, `make test` the whole suite.
+# Two entry points (see README): `make serve` runs the main job, `make test` the whole suite.
 # Each creates .venv in the checkout and installs what it needs on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ MODEL ?= tiny
 # Debian packages the tests use: real speech with transcripts (Asterisk's English prompts), Redis
 APT_TEST := asterisk-core-sounds-en-wav asterisk-core-sounds-en redis-server
 
-.PHONY: demo test bench-encoder clean
+.PHONY: serve demo test bench-encoder clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
+
+serve: $(VENV)/.installed $(VENV)/.system
+	$(BIN)/osum-serve --model $(MODEL)
 
 demo: $(VENV)/.installed
 	$(BIN)/osum transcribe osum/assets/arctic_a0007.wav --model $(MODEL) --task asr+age+gender --max-new-tokens 40
