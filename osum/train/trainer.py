@@ -144,12 +144,14 @@ class Trainer:
         torch.set_num_threads(cfg.threads)
         self.rng = random.Random(cfg.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        llm_dtype = torch.bfloat16
+        # bf16 on CUDA; fp32 on CPU, where bf16 matmuls without AVX512-BF16/AMX run ~100x slower
+        llm_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         ocfg = osum_cfg or PRESETS["osum-mini"]
         self.model = OsumModel(ocfg, llm=llm if llm is not None else load_base_llm(Path(cfg.base), llm_dtype))
         self.model.encoder.requires_grad_(False)  # frozen; its outputs are cached
         self.model.to(self.device)
         self.model.llm.to(llm_dtype)
+        self.llm_dtype = llm_dtype
         self.tok = self._tokenizer()
         items = load_manifest(Path(cfg.data))
         self.feats = load_features(Path(cfg.feats))
