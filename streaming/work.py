@@ -88,6 +88,14 @@ class AnalysisResult:
     reply: str | None = None
 
 
+def _stack(speech: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Utterances' speech embeddings (L_i, d) -> right-padded (B, max L, d) and (B,) lengths."""
+    batch = speech[0].new_zeros(len(speech), max(x.shape[0] for x in speech), speech[0].shape[-1])
+    for j, x in enumerate(speech):
+        batch[j, : x.shape[0]] = x
+    return batch, torch.tensor([x.shape[0] for x in speech])
+
+
 def _prompt(model: OsumModel, task: str) -> list[int]:
     return model.tokenizer.encode(get_task(task).prompt, add_special_tokens=False)
 
@@ -133,12 +141,7 @@ def run_analyses(model: OsumModel, reqs: list[AnalysisRequest]) -> list[Analysis
     if not rows:
         return results
     eos = model.cfg.eos_token_id
-    speech = [reqs[i].speech for i, _ in rows]
-    L = max(s.shape[0] for s in speech)
-    batch = torch.zeros(len(rows), L, speech[0].shape[-1], dtype=speech[0].dtype, device=speech[0].device)
-    for j, s in enumerate(speech):
-        batch[j, : s.shape[0]] = s
-    lengths = torch.tensor([s.shape[0] for s in speech])
+    batch, lengths = _stack([reqs[i].speech for i, _ in rows])
     prompts = [_prompt(model, TAG_TASKS[k]) for _, k in rows]
     inputs = model.splice(prompts, batch, lengths, [reqs[i].transcript_ids for i, _ in rows])
     cands = []
@@ -164,12 +167,7 @@ def _replies(model: OsumModel, reqs: list[AnalysisRequest], results: list[Analys
             results[i].tags["chat"] = Label(UNSUPPORTED)
         return
     sep = model.tokenizer.encode(STTC_SEPARATOR, add_special_tokens=False)
-    speech = [reqs[i].speech for i in chat]
-    L = max(s.shape[0] for s in speech)
-    batch = torch.zeros(len(chat), L, speech[0].shape[-1], dtype=speech[0].dtype, device=speech[0].device)
-    for j, sp in enumerate(speech):
-        batch[j, : sp.shape[0]] = sp
-    lengths = torch.tensor([sp.shape[0] for sp in speech])
+    batch, lengths = _stack([reqs[i].speech for i in chat])
     inputs = model.splice([_prompt(model, "sttc")] * len(chat), batch, lengths, [reqs[i].transcript_ids + sep for i in chat])
     opts = DecodingOptions(max_new_tokens=max(reqs[i].max_reply_tokens for i in chat))
     for i, h in zip(chat, generate(model.llm, inputs, opts, model.cfg.eos_token_id)):
