@@ -5,8 +5,9 @@
 * Session state: ``REDIS_URL`` when set; otherwise a private ``redis-server`` on a unix
   socket in a temporary folder when the binary is installed; otherwise in memory (with a
   warning: sessions then cannot be resumed on another process).
-* HTTP on the WebSocket port: ``/healthz`` (the process runs) and ``/readyz`` (model
-  loaded, accepting sessions, the store reachable).
+* HTTP on the WebSocket port: ``/healthz`` (the process runs), ``/readyz`` (model
+  loaded, accepting sessions, the store reachable) and ``/metrics`` (Prometheus, see
+  :mod:`streaming.metrics`); gRPC health checking and server reflection on the gRPC port.
 * Logs: one JSON object per line on stderr.
 * SIGTERM or SIGINT drains: stop accepting, finish open utterances, store their
   results, exit 0.
@@ -105,6 +106,10 @@ def http_endpoints(engine: Engine) -> Any:
         if path == "/readyz":
             ready = engine.accepting and await engine.store.ping()
             return conn.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, "ready\n" if ready else "not ready\n")
+        if path == "/metrics":
+            resp = conn.respond(HTTPStatus.OK, engine.metrics.render().decode())
+            resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+            return resp
         if path != "/v1/listen":
             return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
         return None  # the WebSocket handshake goes on
@@ -135,6 +140,10 @@ async def run(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("draining: no new sessions; finishing open utterances")
     engine.accepting = False
+    from grpc_health.v1 import health_pb2
+
+    for name in ("", "osum.speech.v1.Speech"):
+        await grpc_server.osum_health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     ws_server.close(close_connections=False)  # stop listening; live connections finish below
     grpc_stop = asyncio.create_task(grpc_server.stop(grace=30))
     await engine.stop(drain=True)

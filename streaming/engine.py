@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,8 @@ import numpy as np
 
 from osum.errors import OsumError
 
-from .events import Analysis, Event, Final, event_from_dict
+from .events import Analysis, Error, Event, Final, event_from_dict
+from .metrics import EngineMetrics
 from .scheduler import Scheduler, SchedulerOptions
 from .session import Session, SessionConfig, State
 from .store import InMemoryStore, SessionStore
@@ -68,6 +70,9 @@ class Engine:
         self.opt = options or EngineOptions()
         self.store: SessionStore = store if store is not None else InMemoryStore()
         self.scheduler = Scheduler(model, self.opt.scheduler)
+        self.metrics = EngineMetrics()
+        self.metrics.queue.set_function(lambda: self.scheduler.queued)
+        self.metrics.active.set_function(lambda: len(self.sessions))
         self.sessions: dict[str, LiveSession] = {}
         self._pool = ThreadPoolExecutor(self.opt.feed_threads, thread_name_prefix="osum-feed")
         self.accepting = False
@@ -101,8 +106,10 @@ class Engine:
             SessionNotFoundError: nothing stored under ``resume`` (unknown or expired).
         """
         if not self.accepting:
+            self.metrics.refused.labels("over_capacity").inc()
             raise OverCapacityError("the engine is not accepting sessions (starting or shutting down)")
         if len(self.sessions) >= self.opt.max_sessions or self.overloaded:
+            self.metrics.refused.labels("over_capacity").inc()
             raise OverCapacityError(f"over capacity ({len(self.sessions)} sessions); retry later")
         snapshot, replay = None, []
         if resume is not None:
@@ -111,12 +118,14 @@ class Engine:
                 await old.abort()
             snapshot = await self.store.load(resume)
             if snapshot is None:
+                self.metrics.refused.labels("session_not_found").inc()
                 raise SessionNotFoundError(f"no session {resume!r} to resume (unknown or expired)")
             config = SessionConfig.from_dict(snapshot.config)
             replay = [event_from_dict(e) for e in await self.store.results_after(resume, last_seq)]
         sid = resume or uuid.uuid4().hex
         live = LiveSession(self, Session(sid, config, self.model, snapshot), replay)
         self.sessions[sid] = live
+        self.metrics.opened.labels(str(resume is not None).lower()).inc()
         await self.store.save(live.session.snapshot())
         return live
 
@@ -142,7 +151,10 @@ class LiveSession:
         """Audio. Decoding and VAD run in the feed pool; the driver then asks for model work."""
         loop = asyncio.get_running_loop()
         async with self._lock:
+            before = self.session.intake.samples_in
             await loop.run_in_executor(self.engine._pool, self.session.feed, data)
+            fmt = self.session.config.audio
+            self.engine.metrics.audio.inc((self.session.intake.samples_in - before) / fmt.sample_rate)
         self._kick.set()
 
     async def finalize(self) -> None:
@@ -184,8 +196,10 @@ class LiveSession:
                         break
                     await self._kick.wait()
                     continue
+                started = time.monotonic()
                 try:
                     result = await eng.scheduler.run(req)
+                    eng.metrics.work.labels(type(req).__name__.removesuffix("Request").lower()).observe(time.monotonic() - started)
                 except OsumError as e:
                     async with self._lock:
                         s.fail(req, e)
@@ -208,7 +222,11 @@ class LiveSession:
                 await store.add_result(self.id, ev.to_dict())
         if any(isinstance(ev, (Final, Analysis)) for ev in events):
             await store.save(self.session.snapshot())
+        m = self.engine.metrics
         for ev in events:
+            m.events.labels(ev.type).inc()
+            if isinstance(ev, Error):
+                m.errors.labels(ev.code).inc()
             try:
                 await asyncio.wait_for(self._out.put(ev), self.engine.opt.slow_consumer_s)
             except TimeoutError:

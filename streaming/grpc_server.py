@@ -167,8 +167,19 @@ async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
 
 async def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Start a gRPC server for ``engine``; returns it and the bound port."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2 << 20)])
     speech_pb2_grpc.add_SpeechServicer_to_server(SpeechServicer(engine), server)
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    service = pb.DESCRIPTOR.services_by_name["Speech"].full_name
+    reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ("", service):
+        await checker.set(name, serving)
+    server.osum_health = checker  # type: ignore[attr-defined]  # osum-serve marks NOT_SERVING on drain
     return server, bound

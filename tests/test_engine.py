@@ -169,3 +169,24 @@ def test_bad_audio_reports_an_error_event(tiny_model, male_clip) -> None:  # typ
 
     events = asyncio.run(main())
     assert isinstance(events[0], Error) and events[0].code == "invalid_audio" and not events[0].fatal
+
+
+def test_metrics_count_what_happened(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> str:
+        engine = Engine(tiny_model, replace(OPTS, max_sessions=1))
+        await engine.start()
+        s = await _talk(engine, np.concatenate([SIL, male_clip, SIL]))
+        with pytest.raises(OverCapacityError):
+            await engine.open_session(CFG)
+        await _collect(s)
+        text = engine.metrics.render().decode()
+        await engine.stop()
+        return text
+
+    text = asyncio.run(main())
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['osum_sessions_opened_total{resumed="false"}'] == 1
+    assert samples['osum_sessions_refused_total{code="over_capacity"}'] == 1
+    assert samples["osum_audio_seconds_total"] == pytest.approx(6.0, abs=0.01)
+    assert samples['osum_events_total{type="Final"}'] == 1 and samples['osum_events_total{type="Analysis"}'] == 1
+    assert samples['osum_work_seconds_count{kind="final"}'] == 1

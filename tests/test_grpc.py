@@ -53,7 +53,9 @@ async def _with_server(model, body, options=OPTS):  # type: ignore[no-untyped-de
     server, port = await serve(engine, "127.0.0.1", 0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            return await body(speech_pb2_grpc.SpeechStub(channel), engine)
+            stub = speech_pb2_grpc.SpeechStub(channel)
+            stub.channel = channel  # for tests that need other services on the same server
+            return await body(stub, engine)
     finally:
         await server.stop(None)
         await engine.stop()
@@ -128,5 +130,25 @@ def test_recognize_a_file(tiny_model, male_clip, female_clip) -> None:  # type: 
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.Recognize(pb.RecognizeRequest(config=cfg, audio=b"not audio"))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(_with_server(tiny_model, body))
+
+
+def test_health_and_reflection(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def body(stub, engine):  # type: ignore[no-untyped-def]
+        channel = stub.channel
+        health = health_pb2_grpc.HealthStub(channel)
+        got = await health.Check(health_pb2.HealthCheckRequest(service="osum.speech.v1.Speech"))
+        assert got.status == health_pb2.HealthCheckResponse.SERVING
+
+        async def ask():  # type: ignore[no-untyped-def]
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        names = [s.name async for r in refl.ServerReflectionInfo(ask()) for s in r.list_services_response.service]
+        assert "osum.speech.v1.Speech" in names and "grpc.health.v1.Health" in names
 
     asyncio.run(_with_server(tiny_model, body))

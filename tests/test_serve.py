@@ -35,6 +35,8 @@ def test_serve_streams_reports_health_and_drains_on_sigterm(male_clip) -> None: 
         port = info["ws_port"]
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status == 200
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10).read() == b"ready\n"
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert "osum_sessions_active 0.0" in metrics and "osum_queue_depth" in metrics
 
         async def talk() -> list[dict]:
             async with connect(f"ws://127.0.0.1:{port}/v1/listen?tasks=emotion") as ws:

@@ -1,0 +1,41 @@
+"""Prometheus metrics of one engine (served at ``/metrics`` by ``osum-serve``).
+
+A registry per engine, so that several engines in one process (tests) do not collide.
+
+| metric | type | meaning |
+|---|---|---|
+| ``osum_sessions_opened_total`` | counter | sessions opened (``resumed`` label) |
+| ``osum_sessions_refused_total`` | counter | sessions refused, by error ``code`` |
+| ``osum_sessions_active`` | gauge | open sessions |
+| ``osum_audio_seconds_total`` | counter | audio received, seconds |
+| ``osum_events_total`` | counter | events sent, by ``type`` |
+| ``osum_errors_total`` | counter | error events, by ``code`` |
+| ``osum_work_seconds`` | histogram | queue wait + model time of a request, by ``kind`` |
+| ``osum_queue_depth`` | gauge | requests waiting for the model worker |
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["EngineMetrics"]
+
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
+
+
+class EngineMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.opened = Counter("osum_sessions_opened", "Sessions opened", ["resumed"], registry=r)
+        self.refused = Counter("osum_sessions_refused", "Sessions refused", ["code"], registry=r)
+        self.active = Gauge("osum_sessions_active", "Open sessions", registry=r)
+        self.audio = Counter("osum_audio_seconds", "Audio received, seconds", registry=r)
+        self.events = Counter("osum_events", "Events sent", ["type"], registry=r)
+        self.errors = Counter("osum_errors", "Error events", ["code"], registry=r)
+        self.work = Histogram("osum_work_seconds", "Queue wait plus model time per request", ["kind"], buckets=_BUCKETS, registry=r)
+        self.queue = Gauge("osum_queue_depth", "Requests waiting for the model worker", registry=r)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
