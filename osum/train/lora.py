@@ -34,7 +34,7 @@ class LoRALinear(nn.Module):
 
 def add_lora(llm: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, dropout: float = 0.0) -> None:
     """Replace every ``nn.Linear`` whose name ends in one of ``targets`` with a LoRA wrapper."""
-    for name, module in list(llm.named_modules()):
+    for module in list(llm.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name in targets:
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
