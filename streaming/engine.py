@@ -108,7 +108,9 @@ class Engine:
         if not self.accepting:
             self.metrics.refused.labels("over_capacity").inc()
             raise OverCapacityError("the engine is not accepting sessions (starting or shutting down)")
-        if len(self.sessions) >= self.opt.max_sessions or self.overloaded:
+        # a session resuming here replaces its own older connection: it does not need a new place
+        taken = len(self.sessions) - (1 if resume is not None and resume in self.sessions else 0)
+        if taken >= self.opt.max_sessions or self.overloaded:
             self.metrics.refused.labels("over_capacity").inc()
             raise OverCapacityError(f"over capacity ({len(self.sessions)} sessions); retry later")
         snapshot, replay = None, []

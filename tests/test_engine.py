@@ -190,3 +190,18 @@ def test_metrics_count_what_happened(tiny_model, male_clip) -> None:  # type: ig
     assert samples["osum_audio_seconds_total"] == pytest.approx(6.0, abs=0.01)
     assert samples['osum_events_total{type="Final"}'] == 1 and samples['osum_events_total{type="Analysis"}'] == 1
     assert samples['osum_work_seconds_count{kind="final"}'] == 1
+
+
+def test_resuming_at_capacity_replaces_the_old_connection(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        engine = Engine(tiny_model, replace(OPTS, max_sessions=1))
+        await engine.start()
+        s = await _talk(engine, np.concatenate([SIL, male_clip, SIL]), end=False)
+        r = await engine.open_session(CFG, resume=s.id, last_seq=-1)  # the client reconnected before the old side closed
+        assert s._closed.is_set() and engine.sessions == {s.id: r}
+        await r.end()
+        events = await _collect(r)
+        assert [type(e) for e in events if isinstance(e, Final)] == [Final]  # the first utterance, replayed once
+        await engine.stop()
+
+    asyncio.run(main())
