@@ -54,6 +54,7 @@ def test_ctc_stage_trains_saves_and_resumes(tiny_run, tmp_path: Path) -> None:  
     assert (run / "last.pt").is_file() and (run / "best.safetensors").is_file() and (run / "loss.png").is_file()
     recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and all("wer" in r for r in recs if r["step"] % 2 == 0)
+    assert (run / "loss.png").stat().st_mtime >= (run / "log.jsonl").stat().st_mtime - 1  # plotted after the last record
     # resume: a new trainer continues at step 4 and runs to the new total
     t2 = _trainer(run, replace(cfg, steps=6), model)
     assert t2.step == 4

@@ -327,12 +327,13 @@ class Trainer:
 
                     save_file({k: v.contiguous() for k, v in overlay_state_dict(self.model).items()}, str(self.run / "best.safetensors"))
                 self._save()
-                self.plot()
                 self.model.train()
                 self.model.encoder.eval()
                 self.model.llm.eval()
             log.write(json.dumps(rec) + "\n")
             log.flush()
+            if "wer" in rec:
+                self.plot()  # after the record is in the log, so the WER panel has it
             if self.step % 10 == 0 or "wer" in rec:
                 say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
 
