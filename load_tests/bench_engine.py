@@ -122,11 +122,11 @@ def load(name: str):  # type: ignore[no-untyped-def]
 
     from osum.config import PRESETS
     from osum.model import OsumModel
+    from osum.train.trainer import overlay_state_dict
 
     torch.manual_seed(0)
     parts = OsumModel(PRESETS["osum-mini"], llm=torch.nn.Identity())  # the adapter side only
-    keep = ("down_sample_2.", "speech_transformer.", "speech_llama_proj.", "speech_token_emded.")
-    overlay = {k: v.contiguous() for k, v in parts.state_dict().items() if k.startswith(keep) and ".pos_enc." not in k}
+    overlay = {k: v.contiguous() for k, v in overlay_state_dict(parts).items()}
     path = Path(tempfile.mkdtemp()) / "random.safetensors"
     save_file(overlay, str(path))
     return load_base_with_overlay(cache_dir() / "osum-mini", path)

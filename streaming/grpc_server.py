@@ -29,7 +29,7 @@ from .session import SessionConfig
 from .status import RETRY_AFTER_S, grpc_status
 from .vad import VadOptions
 
-__all__ = ["SpeechServicer", "session_config", "to_response", "serve"]
+__all__ = ["SpeechServicer", "audio_format", "session_config", "to_response", "serve"]
 
 log = logging.getLogger("streaming.grpc")
 
@@ -41,13 +41,18 @@ class ProtocolError(OsumError):
     code = "protocol_error"
 
 
+def audio_format(c: pb.RecognitionConfig) -> AudioFormat:
+    """The raw audio format a RecognitionConfig declares (InvalidConfigError if unusable)."""
+    if c.encoding not in _ENCODINGS:
+        raise InvalidConfigError(f"unsupported encoding {c.encoding}")
+    return AudioFormat(encoding=_ENCODINGS[c.encoding], sample_rate=c.sample_rate_hertz or 16000,
+                       channels=c.audio_channel_count or 1)  # fmt: skip
+
+
 def session_config(sc: pb.StreamingRecognitionConfig) -> SessionConfig:
     """Validate a streaming config once. Raises InvalidConfigError with the reason."""
     c = sc.config
-    if c.encoding not in _ENCODINGS:
-        raise InvalidConfigError(f"unsupported encoding {c.encoding}")
-    audio = AudioFormat(encoding=_ENCODINGS[c.encoding], sample_rate=c.sample_rate_hertz or 16000,
-                        channels=c.audio_channel_count or 1)  # fmt: skip
+    audio = audio_format(c)
     vad = VadOptions()
     if c.HasField("endpointing_config"):
         e = c.endpointing_config

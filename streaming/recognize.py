@@ -28,8 +28,9 @@ _CHUNK = 1 << 19
 
 def _decode(config: pb.RecognitionConfig, audio: bytes) -> tuple[AudioFormat, bytes]:
     if config.encoding != pb.RecognitionConfig.ENCODING_UNSPECIFIED:
-        enc = "float32" if config.encoding == pb.RecognitionConfig.FLOAT32 else "pcm16"
-        fmt = AudioFormat(encoding=enc, sample_rate=config.sample_rate_hertz or 16000, channels=config.audio_channel_count or 1)
+        from .grpc_server import audio_format
+
+        fmt = audio_format(config)
         seconds = len(audio) / fmt.frame_bytes / fmt.sample_rate
     else:
         import soundfile as sf

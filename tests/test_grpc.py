@@ -127,6 +127,10 @@ def test_recognize_a_file(tiny_model, male_clip, female_clip) -> None:  # type: 
         cfg = pb.RecognitionConfig(analysis_tasks=["gender"])
         resp = await stub.Recognize(pb.RecognizeRequest(config=cfg, audio=buf.getvalue()))
         assert len(resp.results) == 2 and all(r.is_final for r in resp.results) and len(resp.analyses) == 2
+        raw = pb.RecognitionConfig(encoding=pb.RecognitionConfig.LINEAR16, sample_rate_hertz=16000)
+        audio = np.concatenate([SIL, male_clip, SIL, SIL, female_clip, SIL])
+        resp_raw = await stub.Recognize(pb.RecognizeRequest(config=raw, audio=_pcm(audio)))
+        assert len(resp_raw.results) == 2 and not resp_raw.analyses
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.Recognize(pb.RecognizeRequest(config=cfg, audio=b"not audio"))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
