@@ -8,6 +8,10 @@
 * HTTP on the WebSocket port: ``/healthz`` (the process runs), ``/readyz`` (model
   loaded, accepting sessions, the store reachable) and ``/metrics`` (Prometheus, see
   :mod:`streaming.metrics`); gRPC health checking and server reflection on the gRPC port.
+* Auth (:mod:`streaming.auth`): ``--auth auto`` (default: on when ``OSUM_API_KEYS``,
+  ``--api-keys-file`` or ``--keys-in-redis`` give keys, off otherwise, with a warning),
+  ``required`` or ``off``. Limits: ``--max-sessions``, ``--max-sessions-per-key``,
+  ``--max-session-s``, ``--idle-timeout``, ``--max-frame-bytes``.
 * Logs: one JSON object per line on stderr.
 * SIGTERM or SIGINT drains: stop accepting, finish open utterances, store their
   results, exit 0.
@@ -36,6 +40,9 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from osum.errors import InvalidConfigError
+
+from .auth import Authenticator
 from .engine import Engine, EngineOptions
 from .store import InMemoryStore, RedisStore, SessionStore
 
@@ -99,6 +106,8 @@ def make_store() -> tuple[SessionStore, PrivateRedis | None]:
 
 
 def http_endpoints(engine: Engine) -> Any:
+    """The plain HTTP routes on the WebSocket port; None lets the request go on to a WebSocket."""
+
     async def process_request(conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
@@ -110,9 +119,7 @@ def http_endpoints(engine: Engine) -> Any:
             resp = conn.respond(HTTPStatus.OK, engine.metrics.render().decode())
             resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
             return resp
-        if path != "/v1/listen":
-            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        return None  # the WebSocket handshake goes on
+        return None
 
     return process_request
 
@@ -126,11 +133,20 @@ async def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = await asyncio.to_thread(load_model, args.model, args.device)
     log.info("model %s loaded in %.1f s", model.cfg.name, time.perf_counter() - t0)
+    if args.keys_in_redis and not os.environ.get("REDIS_URL"):
+        raise InvalidConfigError("--keys-in-redis needs a shared Redis: set REDIS_URL")
     store, private = make_store()
-    engine = Engine(model, EngineOptions(max_sessions=args.max_sessions), store=store)
+    auth = Authenticator.from_sources(file=args.api_keys_file, mode=args.auth,
+                                      redis=store.redis if args.keys_in_redis and isinstance(store, RedisStore) else None)  # fmt: skip
+    (log.info if auth.enabled else log.warning)(auth.describe())
+    opts = EngineOptions(max_sessions=args.max_sessions, max_sessions_per_key=args.max_sessions_per_key,
+                         max_session_s=args.max_session_s)  # fmt: skip
+    engine = Engine(model, opts, store=store)
     await engine.start()
-    grpc_server, grpc_port = await serve_grpc(engine, args.host, args.grpc_port)
-    ws_server, ws_port = await serve_ws(engine, args.host, args.ws_port, process_request=http_endpoints(engine))
+    grpc_server, grpc_port = await serve_grpc(engine, args.host, args.grpc_port, auth=auth, idle_timeout_s=args.idle_timeout,
+                                              max_message_bytes=args.max_frame_bytes + 4096)  # fmt: skip
+    ws_server, ws_port = await serve_ws(engine, args.host, args.ws_port, auth=auth, http=http_endpoints(engine),
+                                        idle_timeout_s=args.idle_timeout, max_frame_bytes=args.max_frame_bytes)  # fmt: skip
     print(json.dumps({"event": "listening", "grpc_port": grpc_port, "ws_port": ws_port}), flush=True)
     log.info("listening: gRPC %s:%d, WebSocket/HTTP %s:%d", args.host, grpc_port, args.host, ws_port)
     stop = asyncio.Event()
@@ -163,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--grpc-port", type=int, default=50051)
     ap.add_argument("--ws-port", type=int, default=8080)
-    ap.add_argument("--max-sessions", type=int, default=64)
+    ap.add_argument("--max-sessions", type=int, default=64, help="open sessions in total")
+    ap.add_argument("--max-sessions-per-key", type=int, default=0, help="open sessions per API key (0: no limit)")
+    ap.add_argument("--max-session-s", type=float, default=4 * 3600.0, help="audio seconds per connection")
+    ap.add_argument("--idle-timeout", type=float, default=30.0, help="seconds without any client message")
+    ap.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest WebSocket frame / gRPC message")
+    ap.add_argument("--auth", choices=("auto", "required", "off"), default="auto")
+    ap.add_argument("--api-keys-file", type=Path, help="one 'name key' per line")
+    ap.add_argument("--keys-in-redis", action="store_true", help="also accept keys in the Redis hash osum:api_keys")
     args = ap.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())

@@ -18,11 +18,18 @@ Capacity: at most ``max_sessions`` sessions; when the worker lags real time by m
 are skipped until it catches up (finals are never skipped). A client that does not read
 its events for ``slow_consumer_s`` loses its session (fatal ``slow_consumer`` error);
 others are unaffected.
+
+Limits (:class:`EngineOptions`): sessions in total and per API key (``owner``), audio per
+session (``max_session_s``). Resume tokens are ``<session id>.<signature>``, signed with a
+secret shared through the store, so a session id seen in logs or analytics cannot be used
+to take a session over, and only the key that opened a session may resume it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -41,7 +48,7 @@ from .scheduler import Scheduler, SchedulerOptions
 from .session import Session, SessionConfig, State
 from .store import InMemoryStore, SessionStore
 
-__all__ = ["Engine", "EngineOptions", "LiveSession", "OverCapacityError", "SessionNotFoundError"]
+__all__ = ["Engine", "EngineOptions", "LiveSession", "OverCapacityError", "SessionNotFoundError", "SessionLimitError"]
 
 log = logging.getLogger("streaming.engine")
 
@@ -54,9 +61,17 @@ class SessionNotFoundError(OsumError):
     code = "session_not_found"
 
 
+class SessionLimitError(OsumError):
+    """A per-key or per-session limit (sessions of one key, audio length of one session)."""
+
+    code = "limit_exceeded"
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     max_sessions: int = 64
+    max_sessions_per_key: int = 0  # 0: no per-key limit
+    max_session_s: float = 4 * 3600.0  # audio seconds one session may send
     max_backlog_s: float = 1.0
     event_queue: int = 256
     slow_consumer_s: float = 10.0
@@ -76,10 +91,23 @@ class Engine:
         self.sessions: dict[str, LiveSession] = {}
         self._pool = ThreadPoolExecutor(self.opt.feed_threads, thread_name_prefix="osum-feed")
         self.accepting = False
+        self._secret = b""
 
     async def start(self) -> None:
+        self._secret = await self.store.secret()
         self.scheduler.start()
         self.accepting = True
+
+    def resume_token(self, session_id: str) -> str:
+        """The token that lets a client continue ``session_id`` (on any replica sharing the store)."""
+        sig = hmac.new(self._secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
+        return f"{session_id}.{sig}"
+
+    def _session_for_token(self, token: str) -> str:
+        sid, _, sig = token.rpartition(".")
+        if not sid or not hmac.compare_digest(self.resume_token(sid), token):
+            raise SessionNotFoundError("no session to resume: invalid resume token")
+        return sid
 
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting; with ``drain``, finish every open utterance and store the state. Idempotent."""
@@ -98,16 +126,26 @@ class Engine:
     def overloaded(self) -> bool:
         return self.scheduler.backlog_seconds > self.opt.max_backlog_s
 
-    async def open_session(self, config: SessionConfig, resume: str | None = None, last_seq: int = -1) -> LiveSession:
-        """A new session, or, with ``resume``, the stored one continued (results after ``last_seq`` replayed).
+    async def open_session(self, config: SessionConfig, resume: str | None = None, last_seq: int = -1,
+                           owner: str = "anonymous") -> LiveSession:  # fmt: skip
+        """A new session, or, with ``resume`` (a resume token), the stored one continued
+        (results after ``last_seq`` replayed).
 
         Raises:
             OverCapacityError: too many sessions, the worker lags, or the engine is stopping.
-            SessionNotFoundError: nothing stored under ``resume`` (unknown or expired).
+            SessionLimitError: ``owner`` already has ``max_sessions_per_key`` sessions.
+            SessionNotFoundError: the token is invalid, belongs to another key, or nothing is
+                stored under it (expired).
         """
         if not self.accepting:
             self.metrics.refused.labels("over_capacity").inc()
             raise OverCapacityError("the engine is not accepting sessions (starting or shutting down)")
+        if resume is not None:
+            resume = self._session_for_token(resume)
+        per_key = self.opt.max_sessions_per_key
+        if per_key and sum(1 for s in self.sessions.values() if s.owner == owner and s.id != resume) >= per_key:
+            self.metrics.refused.labels("limit_exceeded").inc()
+            raise SessionLimitError(f"key {owner!r} already has {per_key} open sessions; retry later")
         # a session resuming here replaces its own older connection: it does not need a new place
         taken = len(self.sessions) - (1 if resume is not None and resume in self.sessions else 0)
         if taken >= self.opt.max_sessions or self.overloaded:
@@ -119,13 +157,13 @@ class Engine:
             if old is not None:  # the same session reconnecting here: close the old connection's side
                 await old.abort()
             snapshot = await self.store.load(resume)
-            if snapshot is None:
+            if snapshot is None or snapshot.owner != owner:
                 self.metrics.refused.labels("session_not_found").inc()
-                raise SessionNotFoundError(f"no session {resume!r} to resume (unknown or expired)")
+                raise SessionNotFoundError("no session to resume for this token (expired, or opened with another key)")
             config = SessionConfig.from_dict(snapshot.config)
             replay = [event_from_dict(e) for e in await self.store.results_after(resume, last_seq)]
         sid = resume or uuid.uuid4().hex
-        live = LiveSession(self, Session(sid, config, self.model, snapshot), replay)
+        live = LiveSession(self, Session(sid, config, self.model, snapshot, owner=owner), replay)
         self.sessions[sid] = live
         self.metrics.opened.labels(str(resume is not None).lower()).inc()
         await self.store.save(live.session.snapshot())
@@ -139,6 +177,8 @@ class LiveSession:
         self.engine = engine
         self.session = session
         self.id = session.id
+        self.owner = session.owner
+        self.resume_token = engine.resume_token(session.id)
         self._out: asyncio.Queue[Event | None] = asyncio.Queue(engine.opt.event_queue)
         for ev in replay:
             self._out.put_nowait(ev)
@@ -153,9 +193,11 @@ class LiveSession:
         """Audio. Decoding and VAD run in the feed pool; the driver then asks for model work."""
         loop = asyncio.get_running_loop()
         async with self._lock:
+            fmt = self.session.config.audio
+            if self.session.intake.samples_in / fmt.sample_rate > self.engine.opt.max_session_s:
+                raise SessionLimitError(f"session over {self.engine.opt.max_session_s:g} s of audio; open a new one")
             before = self.session.intake.samples_in
             await loop.run_in_executor(self.engine._pool, self.session.feed, data)
-            fmt = self.session.config.audio
             self.engine.metrics.audio.inc((self.session.intake.samples_in - before) / fmt.sample_rate)
         self._kick.set()
 

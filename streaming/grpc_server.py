@@ -6,6 +6,10 @@ events become :class:`StreamingRecognizeResponse` messages. Errors map once, thr
 :mod:`streaming.status`, to status codes. HTTP/2 flow control gives backpressure: the
 request reader awaits each ``send``, so a client faster than the engine is slowed, not
 buffered.
+
+Auth (:mod:`streaming.auth`): ``authorization: Bearer <key>`` metadata, checked once the
+config message is read and before anything else (UNAUTHENTICATED otherwise). Health checking and reflection need no
+key. A stream that sends nothing for ``idle_timeout_s`` ends with DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import grpc
 from osum.errors import InvalidConfigError, OsumError
 
 from .audio import AudioFormat
+from .auth import Authenticator, Principal, credential_from
 from .engine import Engine
 from .events import Analysis, Error, Event, Final, Partial, SpeechEnded, SpeechStarted
 from .proto import speech_pb2 as pb
 from .proto import speech_pb2_grpc
 from .session import SessionConfig
-from .status import RETRY_AFTER_S, grpc_status
+from .status import RETRY_AFTER_S, RETRY_CODES, grpc_status
 from .vad import VadOptions
 
 __all__ = ["SpeechServicer", "audio_format", "session_config", "to_response", "serve"]
@@ -39,6 +44,10 @@ _ENCODINGS = {pb.RecognitionConfig.ENCODING_UNSPECIFIED: "pcm16", pb.Recognition
 
 class ProtocolError(OsumError):
     code = "protocol_error"
+
+
+class IdleTimeoutError(OsumError):
+    code = "idle_timeout"
 
 
 def audio_format(c: pb.RecognitionConfig) -> AudioFormat:
@@ -95,32 +104,45 @@ def to_response(ev: Event) -> pb.StreamingRecognizeResponse:
 
 
 class SpeechServicer(speech_pb2_grpc.SpeechServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, auth: Authenticator | None = None, idle_timeout_s: float = 30.0) -> None:
         self.engine = engine
+        self.auth = auth or Authenticator()
+        self.idle_timeout_s = idle_timeout_s
+
+    async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        try:
+            return await self.auth.authenticate(credential_from(context.invocation_metadata() or ()))
+        except OsumError as e:
+            await _abort(context, e)
+            raise  # not reached: abort raises
 
     async def StreamingRecognize(  # noqa: N802 (gRPC's method name)
         self, requests: AsyncIterator[pb.StreamingRecognizeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
         try:
-            first = await anext(requests)
+            first = await asyncio.wait_for(anext(requests), self.idle_timeout_s)
         except StopAsyncIteration:
             return
+        except TimeoutError:
+            await _abort(context, IdleTimeoutError(f"no streaming_config within {self.idle_timeout_s:g} s"))
+        # Auth after reading the config message, before any work: refusing while the client is
+        # still writing its first message makes grpc-python clients report INTERNAL instead of
+        # our status (their writer's error wins). Clients should send audio after the begin response.
+        who = await self._principal(context)
         if first.WhichOneof("streaming_request") != "streaming_config":
             await _abort(context, ProtocolError("the first message must carry streaming_config, and only it"))
         try:
             cfg = session_config(first.streaming_config)
             sc = first.streaming_config
-            session = await self.engine.open_session(cfg, resume=sc.resume_token or None, last_seq=sc.last_seq if sc.resume_token else -1)
+            session = await self.engine.open_session(cfg, resume=sc.resume_token or None,
+                                                     last_seq=sc.last_seq if sc.resume_token else -1, owner=who.name)  # fmt: skip
         except OsumError as e:
             await _abort(context, e)
         reader = asyncio.create_task(self._read(requests, session))
-        token_sent = False
         try:
+            yield pb.StreamingRecognizeResponse(seq=-1, session_id=session.id, resume_token=session.resume_token)
             async for ev in session.events():
-                resp = to_response(ev)
-                if not token_sent:
-                    resp.resume_token, token_sent = session.id, True
-                yield resp
+                yield to_response(ev)
             if reader.done() and reader.exception() is not None:
                 await _abort(context, reader.exception())  # type: ignore[arg-type]
         finally:
@@ -133,7 +155,13 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
 
     async def _read(self, requests: AsyncIterator[pb.StreamingRecognizeRequest], session: Any) -> None:
         try:
-            async for req in requests:
+            while True:
+                try:
+                    req = await asyncio.wait_for(anext(requests), self.idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise IdleTimeoutError(f"nothing received for {self.idle_timeout_s:g} s") from None
                 kind = req.WhichOneof("streaming_request")
                 if kind == "audio_content":
                     await session.send(req.audio_content)
@@ -150,6 +178,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:  # noqa: N802
         from .recognize import recognize_file
 
+        await self._principal(context)
         try:
             finals, analyses = await recognize_file(self.engine, request.config, request.audio)
         except OsumError as e:
@@ -162,7 +191,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
 async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
     if isinstance(e, OsumError):
         details = str(e)
-        if e.code == "over_capacity":
+        if e.code in RETRY_CODES:
             details += f" (retry after {RETRY_AFTER_S} s)"
             context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
         await context.abort(grpc_status(e.code), details)
@@ -170,13 +199,14 @@ async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
-async def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
+async def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0, auth: Authenticator | None = None,
+                idle_timeout_s: float = 30.0, max_message_bytes: int = 2 << 20) -> tuple[grpc.aio.Server, int]:  # fmt: skip
     """Start a gRPC server for ``engine``; returns it and the bound port."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2 << 20)])
-    speech_pb2_grpc.add_SpeechServicer_to_server(SpeechServicer(engine), server)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
+    speech_pb2_grpc.add_SpeechServicer_to_server(SpeechServicer(engine, auth, idle_timeout_s), server)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     service = pb.DESCRIPTOR.services_by_name["Speech"].full_name

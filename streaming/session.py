@@ -95,6 +95,7 @@ class Snapshot:
     next_utterance: int
     audio_offset: int  # 16 kHz samples consumed
     finals: list[dict[str, Any]] = field(default_factory=list)  # finalized results (events as dicts)
+    owner: str = "anonymous"  # the API key name that opened it; only it may resume the session
 
 
 @dataclass
@@ -123,7 +124,9 @@ class _Utterance:
 class Session:
     """The state machine of one stream. Not thread-safe: drive it from one task."""
 
-    def __init__(self, session_id: str, config: SessionConfig, model: Any, snapshot: Snapshot | None = None) -> None:
+    def __init__(self, session_id: str, config: SessionConfig, model: Any, snapshot: Snapshot | None = None,
+                 owner: str = "anonymous") -> None:  # fmt: skip
+        self.owner = snapshot.owner if snapshot else owner
         self.id = session_id
         self.config = config
         self.model = model
@@ -343,4 +346,4 @@ class Session:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.id, self.config.to_dict(), self.seq, self._next_utt,
-                        self._base + self._now, list(self.finals))  # fmt: skip
+                        self._base + self._now, list(self.finals), self.owner)  # fmt: skip

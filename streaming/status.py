@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import grpc
 
-__all__ = ["grpc_status", "ws_close_code", "RETRY_AFTER_S"]
+__all__ = ["grpc_status", "ws_close_code", "RETRY_AFTER_S", "RETRY_CODES", "with_hint"]
 
-RETRY_AFTER_S = 5  # hint sent with over-capacity refusals
+RETRY_AFTER_S = 5  # hint sent with over-capacity and limit refusals
+RETRY_CODES = frozenset({"over_capacity", "limit_exceeded"})
 
 _GRPC = {
     "invalid_audio": grpc.StatusCode.INVALID_ARGUMENT,
@@ -23,17 +24,23 @@ _GRPC = {
     "unsupported_task": grpc.StatusCode.FAILED_PRECONDITION,
     "session_not_found": grpc.StatusCode.NOT_FOUND,
     "over_capacity": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "limit_exceeded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "message_too_big": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "idle_timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
     "shutting_down": grpc.StatusCode.UNAVAILABLE,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "model_error": grpc.StatusCode.INTERNAL,
 }
 
 # RFC 6455 and the registered/private ranges: 1008 policy, 1009 too big, 1011 internal,
-# 1012 restart, 1013 try again later; 4000-4999 are ours.
+# 1012 restart, 1013 try again later; 4000-4999 are ours (HTTP-like: 4001 unauthenticated,
+# 4004 not found, 4008 idle timeout, 4400 bad request).
 _WS = {
     "protocol_error": 1008,
     "message_too_big": 1009,
     "over_capacity": 1013,
+    "limit_exceeded": 1013,
+    "idle_timeout": 4008,
     "shutting_down": 1012,
     "unauthenticated": 4001,
     "session_not_found": 4004,
@@ -51,3 +58,8 @@ def grpc_status(code: str) -> grpc.StatusCode:
 
 def ws_close_code(code: str) -> int:
     return _WS.get(code, 1011)
+
+
+def with_hint(code: str, message: str) -> str:
+    """The client-facing message, with a retry hint where waiting helps."""
+    return f"{message} (retry after {RETRY_AFTER_S} s)" if code in RETRY_CODES else message

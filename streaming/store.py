@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from typing import Any, Protocol
 
@@ -39,6 +40,9 @@ class SessionStore(Protocol):
 
     async def delete(self, session_id: str) -> None: ...
 
+    async def secret(self) -> bytes:
+        """A random key shared by every replica on this store (signs resume tokens)."""
+
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
@@ -51,6 +55,7 @@ class InMemoryStore:
         self._results: dict[str, list[dict[str, Any]]] = {}
         self.global_log: list[dict[str, Any]] = []
         self._lock = asyncio.Lock()
+        self._secret = secrets.token_bytes(32)
 
     async def save(self, snap: Snapshot) -> None:
         async with self._lock:
@@ -75,6 +80,9 @@ class InMemoryStore:
     async def delete(self, session_id: str) -> None:
         self._snaps.pop(session_id, None)
         self._results.pop(session_id, None)
+
+    async def secret(self) -> bytes:
+        return self._secret
 
     async def ping(self) -> bool:
         return True
@@ -126,6 +134,11 @@ class RedisStore:
 
     async def delete(self, session_id: str) -> None:
         await self.redis.delete(self._k("session", session_id), self._k("results", session_id))
+
+    async def secret(self) -> bytes:
+        key = self._k("resume_secret")
+        await self.redis.set(key, secrets.token_hex(32), nx=True)  # the first replica's wins
+        return bytes.fromhex(await self.redis.get(key))
 
     async def ping(self) -> bool:
         try:

@@ -7,6 +7,12 @@ backpressure, never buffered without bound), text frames are parsed and turned i
 engine calls, and engine events are written back as JSON. Protocol violations get an
 ``Error`` message and a close code from :mod:`streaming.status`; bad audio gets an
 ``Error`` message and the stream goes on.
+
+Before the handshake completes, :func:`serve_ws`'s request hook answers the plain HTTP
+routes it is given (``/healthz`` ...) and authenticates WebSocket requests
+(:mod:`streaming.auth`): a missing or unknown key gets HTTP 401 and no session. A client
+that sends nothing (audio, ``KeepAlive`` or anything else) for ``idle_timeout_s`` gets an
+``idle_timeout`` error and close code 4008.
 """
 
 from __future__ import annotations
@@ -15,31 +21,50 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from osum.errors import OsumError
 
+from .auth import ANONYMOUS, Authenticator, Principal, UnauthenticatedError, credential_from
 from .engine import Engine, LiveSession
 from .session import SessionConfig
-from .status import RETRY_AFTER_S, ws_close_code
+from .status import with_hint, ws_close_code
 from .ws_messages import ProtocolError, config_from_params, event_message, parse_client_text
 
-__all__ = ["ListenHandler", "serve_ws", "MAX_FRAME_BYTES"]
+__all__ = ["ListenHandler", "serve_ws", "MAX_FRAME_BYTES", "IdleTimeoutError"]
 
 log = logging.getLogger("streaming.ws")
 MAX_FRAME_BYTES = 1 << 20
 
 
+class IdleTimeoutError(OsumError):
+    code = "idle_timeout"
+
+
+def principal(ws: ServerConnection) -> Principal:
+    """Who opened this connection (set by the request hook before the handshake)."""
+    return getattr(ws, "osum_principal", ANONYMOUS)
+
+
 class ListenHandler:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, idle_timeout_s: float = 30.0) -> None:
         self.engine = engine
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, ws: ServerConnection) -> None:
         path = urlsplit(ws.request.path if ws.request else "/")
+        if path.path == "/v1/realtime":
+            from .realtime import serve_realtime
+
+            await serve_realtime(self.engine, ws, principal(ws), self.idle_timeout_s)
+            return
         if path.path != "/v1/listen":
             await _close_with_error(ws, "not_found", f"no WebSocket endpoint at {path.path}", 4004)
             return
@@ -47,25 +72,25 @@ class ListenHandler:
         try:
             session = await self._open(ws, params)
         except OsumError as e:
-            await _close_with_error(ws, e.code, _with_hint(e), ws_close_code(e.code))
+            await _close_with_error(ws, e.code, with_hint(e.code, str(e)), ws_close_code(e.code))
             return
         if session is None:
             return
-        await ws.send(json.dumps({"type": "Begin", "session_id": session.id, "resume_token": session.id}))
+        await ws.send(json.dumps({"type": "Begin", "session_id": session.id, "resume_token": session.resume_token}))
         writer = asyncio.create_task(self._write(ws, session))
         reader = asyncio.create_task(self._read(ws, session))
         await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         if reader.done():
             error = reader.exception()
-            if isinstance(error, ProtocolError):
-                await _send_error(ws, error.code, str(error))
+            if isinstance(error, OsumError):
+                await _send_error(ws, error.code, with_hint(error.code, str(error)))
             elif error is not None and not isinstance(error, ConnectionClosed):
                 log.error("session %s: reader failed", session.id, exc_info=error)
             await session.end()  # abrupt disconnect too: finish what was heard, keep it for a resume
             with contextlib.suppress(ConnectionClosed):
                 await writer
-            code = ws_close_code(error.code) if isinstance(error, ProtocolError) else 1000
-            await ws.close(code, str(error)[:120] if isinstance(error, ProtocolError) else "stream closed")
+            code = ws_close_code(error.code) if isinstance(error, OsumError) else 1000
+            await ws.close(code, str(error)[:120] if isinstance(error, OsumError) else "stream closed")
             return
         # the session ended on the server's side (drain, slow client): stop reading and close
         reader.cancel()
@@ -77,7 +102,8 @@ class ListenHandler:
         """Config from the query, or from a Configure message that comes first."""
         resume = params.pop("resume", None)
         last_seq = int(params.pop("last_seq", "-1") or -1)
-        params.pop("token", None)  # auth is checked before the handshake completes (servers' concern)
+        params.pop("token", None)  # auth was checked before the handshake completed
+        owner = principal(ws).name
         if not params and resume is None:  # wait for an optional Configure before audio
             try:
                 first = await asyncio.wait_for(ws.recv(), timeout=10)
@@ -90,15 +116,21 @@ class ListenHandler:
                 params = msg.params
                 resume = params.pop("resume", resume)
                 last_seq = int(params.pop("last_seq", last_seq))
-                session = await self.engine.open_session(config_from_params(params), resume, last_seq)
+                session = await self.engine.open_session(config_from_params(params), resume, last_seq, owner)
             else:
-                session = await self.engine.open_session(SessionConfig(), resume, last_seq)
+                session = await self.engine.open_session(SessionConfig(), resume, last_seq, owner)
                 await session.send(first)
             return session
-        return await self.engine.open_session(config_from_params(params), resume, last_seq)
+        return await self.engine.open_session(config_from_params(params), resume, last_seq, owner)
 
     async def _read(self, ws: ServerConnection, session: LiveSession) -> None:
-        async for frame in ws:
+        while True:
+            try:
+                frame = await asyncio.wait_for(ws.recv(), self.idle_timeout_s)
+            except TimeoutError:
+                raise IdleTimeoutError(f"nothing received for {self.idle_timeout_s:g} s (send KeepAlive while paused)") from None
+            except ConnectionClosedOK:
+                break
             if isinstance(frame, bytes):
                 await session.send(frame)
                 continue
@@ -131,12 +163,46 @@ async def _close_with_error(ws: ServerConnection, code: str, message: str, close
     await ws.close(close_code, message[:120])
 
 
-def _with_hint(e: OsumError) -> str:
-    return f"{e} (retry after {RETRY_AFTER_S} s)" if e.code == "over_capacity" else str(e)
+WS_PATHS = ("/v1/listen", "/v1/realtime")
+HttpRoutes = Callable[[ServerConnection, Request], Awaitable[Response | None]]
 
 
-async def serve_ws(engine: Engine, host: str = "127.0.0.1", port: int = 0, **kwargs: Any) -> tuple[Server, int]:
-    """Start the WebSocket server; returns it and the bound port."""
-    server = await serve(ListenHandler(engine), host, port, max_size=MAX_FRAME_BYTES, compression=None, **kwargs)
+def request_hook(auth: Authenticator, http: HttpRoutes | None) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
+    """Before the handshake: plain HTTP routes, then authentication of WebSocket requests."""
+
+    async def process_request(conn: ServerConnection, request: Request) -> Response | None:
+        if http is not None and (resp := await http(conn, request)) is not None:
+            return resp
+        url = urlsplit(request.path)
+        if url.path not in WS_PATHS:
+            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        try:
+            who = await auth.authenticate(credential_from(request.headers.raw_items(), dict(parse_qsl(url.query))))
+        except UnauthenticatedError as e:
+            resp = conn.respond(HTTPStatus.UNAUTHORIZED, json.dumps({"type": "Error", "code": e.code, "message": str(e)}) + "\n")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="osum"'
+            resp.headers["Content-Type"] = "application/json"
+            log.info("refused an unauthenticated %s request", url.path, extra={"code": e.code})
+            return resp
+        conn.osum_principal = who  # type: ignore[attr-defined]
+        return None
+
+    return process_request
+
+
+def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    # browsers pass the key as ["token", KEY]; the server must then name one of the offers
+    return Subprotocol("token") if "token" in offered else None
+
+
+async def serve_ws(engine: Engine, host: str = "127.0.0.1", port: int = 0, auth: Authenticator | None = None,
+                   http: HttpRoutes | None = None, idle_timeout_s: float = 30.0,
+                   max_frame_bytes: int = MAX_FRAME_BYTES) -> tuple[Server, int]:  # fmt: skip
+    """Start the WebSocket server (``/v1/listen``, ``/v1/realtime`` and the given HTTP routes);
+    returns it and the bound port."""
+    server = await serve(
+        ListenHandler(engine, idle_timeout_s), host, port, max_size=max_frame_bytes, compression=None,
+        process_request=request_hook(auth or Authenticator(), http), select_subprotocol=_select_subprotocol,
+    )  # fmt: skip
     bound = next(iter(server.sockets)).getsockname()[1]
     return server, bound

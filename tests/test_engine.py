@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming.engine import Engine, EngineOptions, OverCapacityError, SessionNotFoundError
+from streaming.engine import Engine, EngineOptions, OverCapacityError, SessionLimitError, SessionNotFoundError
 from streaming.events import Analysis, Error, Final, SpeechStarted
 from streaming.scheduler import SchedulerOptions
 from streaming.session import SessionConfig
@@ -86,9 +86,12 @@ def _resume_flow(tiny_model, male_clip, store) -> None:  # type: ignore[no-untyp
             if isinstance(ev, SpeechStarted):
                 break
         await s.abort()  # abrupt disconnect: the utterance is still finished and stored
-        with pytest.raises(SessionNotFoundError):
-            await engine.open_session(CFG, resume="nope")
-        r = await engine.open_session(CFG, resume=s.id, last_seq=first[-1].seq)
+        for bad in ("nope", s.id, s.id + ".0123456789abcdef0123456789abcdef"):  # a bare or forged id is not a token
+            with pytest.raises(SessionNotFoundError):
+                await engine.open_session(CFG, resume=bad)
+        with pytest.raises(SessionNotFoundError):  # only the key that opened it may resume it
+            await engine.open_session(CFG, resume=s.resume_token, owner="mallory")
+        r = await engine.open_session(CFG, resume=s.resume_token, last_seq=first[-1].seq)
         data = _pcm(np.concatenate([male_clip, SIL]))
         for i in range(0, len(data), 6400):
             await r.send(data[i : i + 6400])
@@ -145,8 +148,13 @@ def test_slow_client_loses_only_its_session(tiny_model, male_clip) -> None:  # t
         engine = Engine(tiny_model, replace(OPTS, event_queue=1, slow_consumer_s=0.2))
         await engine.start()
         slow = await _talk(engine, np.concatenate([SIL, male_clip, SIL]))  # never reads
-        fast = await _talk(engine, np.concatenate([SIL, male_clip, SIL]))
-        got = await _collect(fast)
+        fast = await engine.open_session(CFG)
+        reading = asyncio.create_task(_collect(fast))  # reads while it sends, as a real client does
+        data = _pcm(np.concatenate([SIL, male_clip, SIL]))
+        for i in range(0, len(data), 6400):
+            await fast.send(data[i : i + 6400])
+        await fast.end()
+        got = await reading
         assert any(isinstance(e, Final) for e in got)
         await asyncio.wait_for(slow.wait_closed(), 30)
         assert slow.id not in engine.sessions
@@ -197,11 +205,32 @@ def test_resuming_at_capacity_replaces_the_old_connection(tiny_model, male_clip)
         engine = Engine(tiny_model, replace(OPTS, max_sessions=1))
         await engine.start()
         s = await _talk(engine, np.concatenate([SIL, male_clip, SIL]), end=False)
-        r = await engine.open_session(CFG, resume=s.id, last_seq=-1)  # the client reconnected before the old side closed
+        r = await engine.open_session(CFG, resume=s.resume_token, last_seq=-1)  # the client reconnected before the old side closed
         assert s._closed.is_set() and engine.sessions == {s.id: r}
         await r.end()
         events = await _collect(r)
         assert [type(e) for e in events if isinstance(e, Final)] == [Final]  # the first utterance, replayed once
+        await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_per_key_session_limit_and_session_length(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        engine = Engine(tiny_model, replace(OPTS, max_sessions_per_key=1, max_session_s=2.0))
+        await engine.start()
+        a = await engine.open_session(CFG, owner="alice")
+        with pytest.raises(SessionLimitError, match="alice"):
+            await engine.open_session(CFG, owner="alice")
+        b = await engine.open_session(CFG, owner="bob")  # another key is not affected
+        await a.send(_pcm(male_clip[:40000]))  # 2.5 s: over the limit only after this chunk
+        with pytest.raises(SessionLimitError, match="over 2 s"):
+            await a.send(_pcm(SIL[:1600]))
+        for s in (a, b):
+            await s.end()
+            await _collect(s)
+        again = await engine.open_session(CFG, owner="alice")  # the closed session freed the place
+        await again.end()
         await engine.stop()
 
     asyncio.run(main())

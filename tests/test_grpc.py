@@ -75,7 +75,9 @@ def test_streaming_over_grpc_equals_the_engine(tiny_model, male_clip) -> None:  
         return responses, finals
 
     responses, finals = asyncio.run(_with_server(tiny_model, body))
-    assert responses[0].resume_token and [r.seq for r in responses] == list(range(len(responses)))
+    begin = responses[0]  # session id and resume token first, before any result
+    assert begin.seq == -1 and begin.resume_token.startswith(begin.session_id + ".") and not begin.results
+    assert [r.seq for r in responses] == list(range(-1, len(responses) - 1))
     kinds = [r.speech_event_type for r in responses if r.speech_event_type]
     assert kinds == [pb.StreamingRecognizeResponse.SPEECH_ACTIVITY_BEGIN, pb.StreamingRecognizeResponse.SPEECH_ACTIVITY_END]
     interim = [r.results[0] for r in responses if r.results and not r.results[0].is_final]

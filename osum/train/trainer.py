@@ -62,6 +62,10 @@ class RunConfig:
     tasks: dict[str, float] = field(default_factory=lambda: {"asr": 0.6, "sgc": 0.4})  # joint stage task mix
     time_mask: float = 0.1  # fraction of encoder frames zeroed per item (SpecAugment-like)
     ctc_min_count: int = 1  # CTC vocabulary: token types seen at least this often in the training texts
+    # joint stage started from a ctc run: rescale the projection so speech embeddings have the
+    # norm of Qwen's token embeddings. The CTC head is cosine-based, so the ctc stage leaves the
+    # norm free (~75 vs ~0.5 for text), and frames 150x louder than text derail the frozen LLM.
+    match_embedding_norm: bool = True
     eval_every: int = 250
     eval_items: int = 101  # held-out real prompts to decode at each evaluation
     seed: int = 0
@@ -173,6 +177,8 @@ class Trainer:
             self._restore(run / "last.pt", full=True)
         elif cfg.init:
             self._restore(Path(cfg.init) / "last.pt", full=False)
+            if cfg.stage == "joint" and cfg.match_embedding_norm:
+                self._match_embedding_norm()
 
     # ---- parameters and checkpoints -------------------------------------------------
 
@@ -218,6 +224,18 @@ class Trainer:
             self.step, self.best_wer = state["step"], state["best_wer"]
             self.rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"])
+
+    @torch.no_grad()
+    def _match_embedding_norm(self) -> None:
+        """Scale ``speech_llama_proj`` so its outputs' mean norm equals the token embeddings'."""
+        target = self.model.llm.get_input_embeddings().weight.float().norm(dim=-1).mean()
+        items = self.rng.sample(self.train_items, min(64, len(self.train_items)))
+        speech, lengths = self._speech(items, train=False)
+        valid = torch.arange(speech.shape[1], device=self.device)[None] < lengths[:, None]
+        current = speech[valid].float().norm(dim=-1).mean()
+        proj = self.model.speech_llama_proj
+        proj.weight.mul_(target / current)
+        proj.bias.mul_(target / current)
 
     # ---- batches ----------------------------------------------------------------------
 
