@@ -10,12 +10,12 @@ APT_TEST := asterisk-core-sounds-en-wav asterisk-core-sounds-en redis-server
 
 .PHONY: serve demo test bench-encoder clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# on the project's machines this takes the local CPU wheel; elsewhere PyPI's build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test]' -e clients/python
 	touch $@
 
 serve: $(VENV)/.installed $(VENV)/.system

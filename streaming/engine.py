@@ -179,6 +179,7 @@ class LiveSession:
         self.id = session.id
         self.owner = session.owner
         self.resume_token = engine.resume_token(session.id)
+        self.audio_offset = session.snapshot().audio_offset / 16000  # stream seconds already heard (resume point)
         self._out: asyncio.Queue[Event | None] = asyncio.Queue(engine.opt.event_queue)
         for ev in replay:
             self._out.put_nowait(ev)

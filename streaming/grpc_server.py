@@ -80,9 +80,11 @@ def to_response(ev: Event) -> pb.StreamingRecognizeResponse:
     if isinstance(ev, SpeechStarted):
         r.speech_event_type = pb.StreamingRecognizeResponse.SPEECH_ACTIVITY_BEGIN
         r.speech_event_time = ev.start
+        r.speech_event_utterance_id = ev.utterance_id
     elif isinstance(ev, SpeechEnded):
         r.speech_event_type = pb.StreamingRecognizeResponse.SPEECH_ACTIVITY_END
         r.speech_event_time = ev.end
+        r.speech_event_utterance_id = ev.utterance_id
     elif isinstance(ev, Partial):
         r.results.append(pb.StreamingRecognitionResult(
             alternatives=[pb.SpeechRecognitionAlternative(transcript=ev.committed + ev.unstable)],
@@ -140,7 +142,8 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
             await _abort(context, e)
         reader = asyncio.create_task(self._read(requests, session))
         try:
-            yield pb.StreamingRecognizeResponse(seq=-1, session_id=session.id, resume_token=session.resume_token)
+            yield pb.StreamingRecognizeResponse(seq=-1, session_id=session.id, resume_token=session.resume_token,
+                                                audio_offset=session.audio_offset)  # fmt: skip
             async for ev in session.events():
                 yield to_response(ev)
             if reader.done() and reader.exception() is not None:

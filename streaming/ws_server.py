@@ -76,7 +76,8 @@ class ListenHandler:
             return
         if session is None:
             return
-        await ws.send(json.dumps({"type": "Begin", "session_id": session.id, "resume_token": session.resume_token}))
+        await ws.send(json.dumps({"type": "Begin", "session_id": session.id, "resume_token": session.resume_token,
+                                  "audio_offset": session.audio_offset}))  # fmt: skip
         writer = asyncio.create_task(self._write(ws, session))
         reader = asyncio.create_task(self._read(ws, session))
         await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)

@@ -14,10 +14,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PROTO = Path("osum/speech/v1/speech.proto")
 OUT = Path(__file__).resolve().parent
+# the same code for the server and for the light client SDK (which must not import the server)
+TARGETS = {OUT: "streaming.proto", ROOT / "clients" / "python" / "osum_client" / "proto": "osum_client.proto"}
 FILES = ("speech_pb2.py", "speech_pb2.pyi", "speech_pb2_grpc.py")
 
 
-def generate(out: Path) -> None:
+def generate(out: Path, package: str = "streaming.proto") -> None:
     from grpc_tools import protoc
 
     code = protoc.main([
@@ -30,14 +32,17 @@ def generate(out: Path) -> None:
     for name in FILES:
         text = (gen / name).read_text()
         # generated imports are absolute to the proto package; ours live in streaming.proto
-        text = text.replace("from osum.speech.v1 import speech_pb2", "from streaming.proto import speech_pb2")
+        text = text.replace("from osum.speech.v1 import speech_pb2", f"from {package} import speech_pb2")
         (out / name).write_text(text)
 
 
 def stale() -> list[str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp))
-        return [n for n in FILES if (Path(tmp) / n).read_text() != (OUT / n).read_text()]
+    bad = []
+    for out, package in TARGETS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            generate(Path(tmp), package)
+            bad += [str(out / n) for n in FILES if not (out / n).is_file() or (Path(tmp) / n).read_text() != (out / n).read_text()]
+    return bad
 
 
 def main() -> None:
@@ -50,10 +55,12 @@ def main() -> None:
             print("stale generated code: " + ", ".join(bad) + " (run python -m streaming.proto.generate)")
             sys.exit(1)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp))
-        for n in FILES:
-            (OUT / n).write_text((Path(tmp) / n).read_text())
+    for out, package in TARGETS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            generate(Path(tmp), package)
+            out.mkdir(parents=True, exist_ok=True)
+            for n in FILES:
+                (out / n).write_text((Path(tmp) / n).read_text())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,153 @@
+"""The Python SDK and ``osum-stream`` against real servers (127.0.0.1, port 0), the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from osum_client import FINALIZE, AsyncClient, Client, StreamOptions, from_array
+from osum_client.events import Analysis, Begin, Error, Final, SpeechStarted
+
+from streaming.auth import Authenticator
+from streaming.engine import Engine, EngineOptions
+from streaming.grpc_server import serve as serve_grpc
+from streaming.scheduler import SchedulerOptions
+from streaming.store import RedisStore
+from streaming.ws_server import serve_ws
+
+from .redis_server import redis_server
+
+OPTS = EngineOptions(scheduler=SchedulerOptions(final_max_tokens=6))
+SIL = np.zeros(16000, np.float32)
+KEY = "k-sdk-0123456789abcdef"
+FAST = StreamOptions(tasks=("emotion",), realtime=False)
+
+
+class Servers:
+    """Both servers over one engine, as osum-serve runs them."""
+
+    def __init__(self, model, options=OPTS, store=None, auth=None, ws_port: int = 0) -> None:  # type: ignore[no-untyped-def]
+        self.model, self.options, self.store, self.auth, self.ws_port = model, options, store, auth, ws_port
+
+    async def __aenter__(self) -> Servers:
+        self.engine = Engine(self.model, self.options, store=self.store)
+        await self.engine.start()
+        self.ws, self.ws_port = await serve_ws(self.engine, port=self.ws_port, auth=self.auth)
+        self.grpc, self.grpc_port = await serve_grpc(self.engine, auth=self.auth)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.engine.accepting = False
+        self.ws.close(close_connections=False)
+        await self.engine.stop(drain=True)
+        await self.grpc.stop(None)
+        self.ws.close()
+        await self.ws.wait_closed()
+
+
+async def _events(url: str, source, options: StreamOptions = FAST, key: str | None = None) -> list:  # type: ignore[no-untyped-def]
+    return [ev async for ev in AsyncClient(url, key).stream(source, options)]
+
+
+def test_sdk_gives_the_same_results_over_both_protocols(tiny_model, male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
+    audio = np.concatenate([SIL, male_clip, SIL, female_clip, SIL])
+
+    async def main() -> tuple[list, list, list]:
+        async with Servers(tiny_model, auth=Authenticator({KEY: "sdk"})) as s:
+            ws = await _events(f"ws://127.0.0.1:{s.ws_port}", from_array(audio), key=KEY)
+            grpc = await _events(f"grpc://127.0.0.1:{s.grpc_port}", from_array(audio), key=KEY)
+            refused = await _events(f"grpc://127.0.0.1:{s.grpc_port}", from_array(audio), key="wrong-key-0123456789")
+            return ws, grpc, refused
+
+    ws, grpc, refused = asyncio.run(main())
+    for events in (ws, grpc):
+        assert isinstance(events[0], Begin) and events[0].resume_token
+        assert [e.seq for e in events[1:]] == list(range(len(events) - 1))
+        assert [e.utterance_id for e in events if isinstance(e, SpeechStarted)] == [0, 1]
+        assert {type(e) for e in events} >= {Final, Analysis}
+    finals = [[e.transcript for e in ev if isinstance(e, Final)] for ev in (ws, grpc)]
+    assert finals[0] == finals[1] and len(finals[0]) == 2
+    assert [e.code for e in refused] == ["unauthenticated"] and refused[0].fatal
+
+
+def test_sdk_resumes_across_a_server_restart_without_losing_or_repeating(tiny_model, male_clip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    audio = np.concatenate([SIL, male_clip, SIL, male_clip, SIL])
+
+    async def source(stop_server):  # type: ignore[no-untyped-def]
+        for i, chunk in enumerate(from_array(audio, chunk_ms=100)):
+            if i == 40:  # mid-way through the second utterance: restart the server
+                await stop_server()
+            yield chunk
+
+    async def main(url: str) -> list:
+        first = Servers(tiny_model, store=RedisStore(url))
+        await first.__aenter__()
+        port = first.ws_port
+
+        async def restart() -> None:
+            await first.__aexit__()  # drains: the open utterance is finished, stored; close 1012
+            second.ws_port = port
+            await second.__aenter__()
+
+        second = Servers(tiny_model, store=RedisStore(url))
+        try:
+            return await _events(f"ws://127.0.0.1:{port}", source(restart))
+        finally:
+            await second.__aexit__()
+
+    with redis_server(tmp_path) as url:
+        events = asyncio.run(main(url))
+    begins = [e for e in events if isinstance(e, Begin)]
+    assert len(begins) == 2 and begins[0].session_id == begins[1].session_id and begins[1].audio_offset > 0
+    seqs = [e.seq for e in events if not isinstance(e, Begin)]
+    assert seqs == sorted(set(seqs))  # nothing repeated, in order
+    finals = [e for e in events if isinstance(e, Final)]
+    ids = [f.utterance_id for f in finals]
+    assert ids == sorted(set(ids)) and len(ids) >= 2  # numbering continued on the new server
+    assert all(b.start >= a.end for a, b in zip(finals, finals[1:]))
+    assert not any(isinstance(e, Error) for e in events)
+
+
+def test_finalize_in_the_source_and_the_sync_client(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> tuple[list, list]:
+        async with Servers(tiny_model) as s:
+            chunks = list(from_array(np.concatenate([SIL, male_clip]), chunk_ms=100))
+            url = f"ws://127.0.0.1:{s.ws_port}"
+            forced = await _events(url, [*chunks, FINALIZE, *from_array(SIL[:8000])], replace(FAST, endpointing_ms=5000))
+            sync = await asyncio.to_thread(lambda: list(Client(url).stream(chunks, FAST)))
+            return forced, sync
+
+    forced, sync = asyncio.run(main())
+    assert [type(e) for e in forced if isinstance(e, Final)] == [Final]  # ended by FINALIZE, not by 5 s of silence
+    assert any(isinstance(e, Final) for e in sync) and isinstance(sync[0], Begin)
+
+
+def test_osum_stream_cli(tiny_model, male_clip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    wav = tmp_path / "call.wav"
+    sf.write(wav, np.concatenate([SIL, male_clip, SIL]), 16000)
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        p = await asyncio.create_subprocess_exec(sys.executable, "-m", "osum_client.cli", *args,
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+        out, err = await p.communicate()
+        return p.returncode or 0, out.decode(), err.decode()
+
+    async def main() -> list:
+        async with Servers(tiny_model) as s:
+            return [
+                await cli(str(wav), "--url", f"ws://127.0.0.1:{s.ws_port}", "--json", "--fast", "--tasks", "emotion"),
+                await cli(str(wav), "--url", f"grpc://127.0.0.1:{s.grpc_port}", "--fast", "--tasks", "emotion,gender"),
+                await cli(str(wav), "--url", f"ws://127.0.0.1:{s.ws_port}", "--tasks", "nonsense", "--fast"),
+            ]
+
+    (rc1, out1, _), (rc2, out2, _), (rc3, _, err3) = asyncio.run(main())
+    lines = [json.loads(x) for x in out1.splitlines()]
+    assert rc1 == 0 and lines[0]["type"] == "Begin" and {"Final", "Analysis"} <= {x["type"] for x in lines}
+    final = next(x for x in lines if x["type"] == "Final")
+    assert rc2 == 0 and final["transcript"].strip() in out2 and "emotion=" in out2 and "gender=" in out2
+    assert rc3 == 1 and "invalid_config" in err3
