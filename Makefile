@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= tiny
 
-# Debian packages the tests use: real speech with transcripts (Asterisk's English prompts), Redis
-APT_TEST := asterisk-core-sounds-en-wav asterisk-core-sounds-en redis-server
+# Debian packages the tests use: real speech with transcripts (Asterisk's English prompts), Redis,
+# and Chromium with its WebDriver for the browser page test
+APT_TEST := asterisk-core-sounds-en-wav asterisk-core-sounds-en redis-server chromium chromium-driver
 
 .PHONY: serve demo test bench-encoder clean
 

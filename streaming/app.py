@@ -105,11 +105,26 @@ def make_store() -> tuple[SessionStore, PrivateRedis | None]:
     return InMemoryStore(), None
 
 
-def http_endpoints(engine: Engine) -> Any:
-    """The plain HTTP routes on the WebSocket port; None lets the request go on to a WebSocket."""
+WEB_ROOT = Path(__file__).resolve().parent.parent / "clients" / "web"
+_WEB_FILES = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js", "/pcm-worklet.js": "pcm-worklet.js"}
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+
+
+def http_endpoints(engine: Engine, web_root: Path | None = WEB_ROOT) -> Any:
+    """The plain HTTP routes on the WebSocket port (health, metrics, the browser page at ``/``);
+    None lets the request go on to a WebSocket."""
 
     async def process_request(conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
+        if path in _WEB_FILES and "upgrade" not in request.headers.get("Connection", "").lower():
+            f = web_root / _WEB_FILES[path] if web_root is not None else None
+            if f is None or not f.is_file():
+                return conn.respond(HTTPStatus.NOT_FOUND, "the browser page is not installed (clients/web)\n")
+            resp = conn.respond(HTTPStatus.OK, f.read_text())
+            del resp.headers["Content-Type"]  # websockets' Headers is multi-valued: replace, not add
+            resp.headers["Content-Type"] = _TYPES[f.suffix]
+            resp.headers["Cache-Control"] = "no-cache"
+            return resp
         if path == "/healthz":
             return conn.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -117,6 +132,7 @@ def http_endpoints(engine: Engine) -> Any:
             return conn.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, "ready\n" if ready else "not ready\n")
         if path == "/metrics":
             resp = conn.respond(HTTPStatus.OK, engine.metrics.render().decode())
+            del resp.headers["Content-Type"]
             resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
             return resp
         return None

@@ -182,6 +182,7 @@ def request_hook(auth: Authenticator, http: HttpRoutes | None) -> Callable[[Serv
         except UnauthenticatedError as e:
             resp = conn.respond(HTTPStatus.UNAUTHORIZED, json.dumps({"type": "Error", "code": e.code, "message": str(e)}) + "\n")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="osum"'
+            del resp.headers["Content-Type"]
             resp.headers["Content-Type"] = "application/json"
             log.info("refused an unauthenticated %s request", url.path, extra={"code": e.code})
             return resp
