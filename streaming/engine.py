@@ -45,10 +45,11 @@ from osum.errors import OsumError
 from .events import Analysis, Error, Event, Final, event_from_dict
 from .metrics import EngineMetrics
 from .scheduler import Scheduler, SchedulerOptions
-from .session import Session, SessionConfig, State
+from .session import Session, SessionConfig, Snapshot, State
 from .store import InMemoryStore, SessionStore
 
-__all__ = ["Engine", "EngineOptions", "LiveSession", "OverCapacityError", "SessionNotFoundError", "SessionLimitError"]
+__all__ = ["Engine", "EngineOptions", "LiveSession", "OverCapacityError", "SessionNotFoundError", "SessionLimitError",
+           "StateUnavailableError"]
 
 log = logging.getLogger("streaming.engine")
 
@@ -59,6 +60,12 @@ class OverCapacityError(OsumError):
 
 class SessionNotFoundError(OsumError):
     code = "session_not_found"
+
+
+class StateUnavailableError(OsumError):
+    """The session store cannot be reached (only a resume needs it)."""
+
+    code = "state_unavailable"
 
 
 class SessionLimitError(OsumError):
@@ -102,6 +109,12 @@ class Engine:
         """The token that lets a client continue ``session_id`` (on any replica sharing the store)."""
         sig = hmac.new(self._secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
         return f"{session_id}.{sig}"
+
+    async def _load(self, session_id: str) -> Snapshot | None:
+        try:
+            return await self.store.load(session_id)
+        except Exception as e:  # the store is down
+            raise StateUnavailableError("session state cannot be read right now; retry the resume later") from e
 
     def _session_for_token(self, token: str) -> str:
         sid, _, sig = token.rpartition(".")
@@ -154,19 +167,29 @@ class Engine:
         snapshot, replay = None, []
         if resume is not None:
             old = self.sessions.get(resume)
-            if old is not None:  # the same session reconnecting here: close the old connection's side
-                await old.abort()
-            snapshot = await self.store.load(resume)
-            if snapshot is None or snapshot.owner != owner:
+            # read the state before touching a live connection: a refused resume must not end it
+            snapshot = await self._load(resume)
+            if snapshot is None or snapshot.owner != owner or (old is not None and old.owner != owner):
                 self.metrics.refused.labels("session_not_found").inc()
                 raise SessionNotFoundError("no session to resume for this token (expired, or opened with another key)")
+            if old is not None:  # the same session reconnecting here: finish the old connection's side
+                await old.abort()
+                snapshot = await self._load(resume) or snapshot
             config = SessionConfig.from_dict(snapshot.config)
-            replay = [event_from_dict(e) for e in await self.store.results_after(resume, last_seq)]
+            try:
+                replay = [event_from_dict(e) for e in await self.store.results_after(resume, last_seq)]
+            except Exception as e:
+                raise StateUnavailableError("session state cannot be read right now; retry the resume later") from e
         sid = resume or uuid.uuid4().hex
         live = LiveSession(self, Session(sid, config, self.model, snapshot, owner=owner), replay)
         self.sessions[sid] = live
         self.metrics.opened.labels(str(resume is not None).lower()).inc()
-        await self.store.save(live.session.snapshot())
+        try:
+            await self.store.save(live.session.snapshot())
+        except Exception as e:  # a new session works without the store; it just cannot be resumed yet
+            log.warning("session %s: cannot store its state (%s)", sid, e)
+            live._store_down = True
+            live.session.warn("state_unavailable", "session state cannot be stored right now: a resume may not find it")
         return live
 
 
@@ -186,6 +209,7 @@ class LiveSession:
         self._lock = asyncio.Lock()  # the Session is not thread-safe: feed and work take turns
         self._kick = asyncio.Event()
         self._closed = asyncio.Event()
+        self._store_down = False
         self._driver = asyncio.get_running_loop().create_task(self._drive(), name=f"session-{self.id}")
 
     # ---- client side --------------------------------------------------------------------
@@ -261,12 +285,8 @@ class LiveSession:
 
     async def _publish(self) -> None:
         events = self.session.drain()
-        store = self.engine.store
-        for ev in events:
-            if isinstance(ev, (Final, Analysis)):
-                await store.add_result(self.id, ev.to_dict())
         if any(isinstance(ev, (Final, Analysis)) for ev in events):
-            await store.save(self.session.snapshot())
+            events += await self._persist(events)
         m = self.engine.metrics
         for ev in events:
             m.events.labels(ev.type).inc()
@@ -276,6 +296,30 @@ class LiveSession:
                 await asyncio.wait_for(self._out.put(ev), self.engine.opt.slow_consumer_s)
             except TimeoutError:
                 raise _SlowConsumer from None
+
+    async def _persist(self, events: list[Event]) -> list[Event]:
+        """Store finalized results. If the store is down the client still gets them (with one
+        non-fatal ``state_unavailable`` error per outage); storing resumes when it is back."""
+        store = self.engine.store
+        try:
+            for ev in events:
+                if isinstance(ev, (Final, Analysis)):
+                    await store.add_result(self.id, ev.to_dict())
+            await store.save(self.session.snapshot())
+        except Exception as e:  # connection refused, timeout, Redis restarting
+            self.engine.metrics.errors.labels("state_unavailable").inc()
+            if not self._store_down:
+                self._store_down = True
+                log.warning("session %s: cannot store results (%s); serving on without persistence", self.id, e)
+                async with self._lock:
+                    self.session.warn("state_unavailable", "session state cannot be stored right now: results are "
+                                      "delivered but a resume may not find them")  # fmt: skip
+                    return self.session.drain()
+            return []
+        if self._store_down:
+            self._store_down = False
+            log.info("session %s: storing results again", self.id)
+        return []
 
     async def _finish(self) -> None:
         try:

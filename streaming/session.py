@@ -335,6 +335,10 @@ class Session:
         self._events.append(ev)
         return ev
 
+    def warn(self, code: str, message: str) -> None:
+        """A non-fatal Error event from outside the model path (e.g. the store is down)."""
+        self._error(code, message)
+
     def _error(self, code: str, message: str, fatal: bool = False) -> None:
         log.info("session %s: %s: %s", self.id, code, message)
         self._emit(Error, code=code, message=message, fatal=fatal)

@@ -12,7 +12,7 @@ import grpc
 __all__ = ["grpc_status", "ws_close_code", "RETRY_AFTER_S", "RETRY_CODES", "with_hint"]
 
 RETRY_AFTER_S = 5  # hint sent with over-capacity and limit refusals
-RETRY_CODES = frozenset({"over_capacity", "limit_exceeded"})
+RETRY_CODES = frozenset({"over_capacity", "limit_exceeded", "state_unavailable"})
 
 _GRPC = {
     "invalid_audio": grpc.StatusCode.INVALID_ARGUMENT,
@@ -28,6 +28,7 @@ _GRPC = {
     "message_too_big": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "idle_timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
     "shutting_down": grpc.StatusCode.UNAVAILABLE,
+    "state_unavailable": grpc.StatusCode.UNAVAILABLE,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "model_error": grpc.StatusCode.INTERNAL,
 }
@@ -42,6 +43,7 @@ _WS = {
     "limit_exceeded": 1013,
     "idle_timeout": 4008,
     "shutting_down": 1012,
+    "state_unavailable": 1013,
     "unauthenticated": 4001,
     "session_not_found": 4004,
     "invalid_config": 4400,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming.engine import Engine, EngineOptions, OverCapacityError, SessionLimitError, SessionNotFoundError
+from streaming.engine import (
+    Engine,
+    EngineOptions,
+    OverCapacityError,
+    SessionLimitError,
+    SessionNotFoundError,
+    StateUnavailableError,
+)
 from streaming.events import Analysis, Error, Final, SpeechStarted
 from streaming.scheduler import SchedulerOptions
 from streaming.session import SessionConfig
@@ -234,3 +242,47 @@ def test_per_key_session_limit_and_session_length(tiny_model, male_clip) -> None
         await engine.stop()
 
     asyncio.run(main())
+
+
+def test_redis_outage_and_restart_mid_session(tiny_model, male_clip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Redis going away does not end a call: results still reach the client (with one warning);
+    storing resumes when Redis is back; a resume meanwhile is refused with a retry hint."""
+    import redis.asyncio as redis
+
+    utt = _pcm(np.concatenate([male_clip, SIL]))
+
+    async def main(url: str) -> tuple[list, list, list]:
+        store = RedisStore(url)
+        engine = Engine(tiny_model, OPTS, store=store)
+        await engine.start()
+        s = await engine.open_session(CFG)
+        reading = asyncio.create_task(_collect(s))
+        await s.send(_pcm(SIL) + utt)
+        while len(s.session.finals) < 1:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # its Analysis
+        r = redis.from_url(url)
+        with contextlib.suppress(Exception):
+            await r.shutdown(nosave=True)  # Redis goes away mid-call
+        await r.aclose()
+        await s.send(utt)
+        while len(s.session.finals) < 2:
+            await asyncio.sleep(0.05)
+        assert not await store.ping()
+        with pytest.raises(StateUnavailableError):
+            await engine.open_session(CFG, resume=s.resume_token)
+        with redis_server(tmp_path) as again:  # Redis is back (empty: it kept nothing)
+            assert again == url
+            await s.send(utt)
+            await s.end()
+            events = await reading
+            stored = await store.results_after(s.id, -1)
+            await engine.stop()
+        return events, stored, [e for e in events if isinstance(e, Error)]
+
+    with redis_server(tmp_path) as url:
+        events, stored, errors = asyncio.run(main(url))
+    finals = [e for e in events if isinstance(e, Final)]
+    assert [f.utterance_id for f in finals] == [0, 1, 2]  # every result reached the client
+    assert [e.code for e in errors] == ["state_unavailable"] and not errors[0].fatal  # one warning per outage
+    assert [e["utterance_id"] for e in stored if e["type"] == "Final"] == [2]  # stored again once Redis was back
