@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -146,9 +147,13 @@ async def run(args: argparse.Namespace) -> int:
     from .grpc_server import serve as serve_grpc
     from .ws_server import serve_ws
 
-    t0 = time.perf_counter()
-    model = await asyncio.to_thread(load_model, args.model, args.device)
-    log.info("model %s loaded in %.1f s", model.cfg.name, time.perf_counter() - t0)
+    model = None
+    if args.engine == "model":
+        t0 = time.perf_counter()
+        model = await asyncio.to_thread(load_model, args.model, args.device)
+        log.info("model %s loaded in %.1f s", model.cfg.name, time.perf_counter() - t0)
+    else:
+        log.warning("null engine: no model; events are placeholders (for measuring the service's overhead)")
     if args.keys_in_redis and not os.environ.get("REDIS_URL"):
         raise InvalidConfigError("--keys-in-redis needs a shared Redis: set REDIS_URL")
     store, private = make_store()
@@ -157,12 +162,20 @@ async def run(args: argparse.Namespace) -> int:
     (log.info if auth.enabled else log.warning)(auth.describe())
     opts = EngineOptions(max_sessions=args.max_sessions, max_sessions_per_key=args.max_sessions_per_key,
                          max_session_s=args.max_session_s)  # fmt: skip
-    engine = Engine(model, opts, store=store)
+    if model is None:
+        from .null_engine import NullEngine
+
+        engine: Engine = NullEngine(opts, store=store)
+    else:
+        engine = Engine(model, opts, store=store)
     await engine.start()
     grpc_server, grpc_port = await serve_grpc(engine, args.host, args.grpc_port, auth=auth, idle_timeout_s=args.idle_timeout,
                                               max_message_bytes=args.max_frame_bytes + 4096)  # fmt: skip
     ws_server, ws_port = await serve_ws(engine, args.host, args.ws_port, auth=auth, http=http_endpoints(engine),
                                         idle_timeout_s=args.idle_timeout, max_frame_bytes=args.max_frame_bytes)  # fmt: skip
+    # long-lived objects (model, modules) out of the collector's way: fewer, shorter GC pauses
+    gc.collect()
+    gc.freeze()
     print(json.dumps({"event": "listening", "grpc_port": grpc_port, "ws_port": ws_port}), flush=True)
     log.info("listening: gRPC %s:%d, WebSocket/HTTP %s:%d", args.host, grpc_port, args.host, ws_port)
     stop = asyncio.Event()
@@ -192,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="osum-serve", description="osum-live streaming service (gRPC + WebSocket)")
     ap.add_argument("--model", default=os.environ.get("OSUM_MODEL", "osum-mini"))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--engine", choices=("model", "null"), default="model",
+                    help="null: no model, placeholder events (load tests of the service itself)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--grpc-port", type=int, default=50051)
     ap.add_argument("--ws-port", type=int, default=8080)

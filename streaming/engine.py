@@ -83,15 +83,17 @@ class EngineOptions:
     event_queue: int = 256
     slow_consumer_s: float = 10.0
     feed_threads: int = 2
+    feed_inline: bool = False  # decode on the event loop: only for sessions whose feed is trivial (null engine)
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
 
 
 class Engine:
-    def __init__(self, model: Any, options: EngineOptions | None = None, store: SessionStore | None = None) -> None:
+    def __init__(self, model: Any, options: EngineOptions | None = None, store: SessionStore | None = None,
+                 scheduler: Any = None) -> None:  # fmt: skip
         self.model = model
         self.opt = options or EngineOptions()
         self.store: SessionStore = store if store is not None else InMemoryStore()
-        self.scheduler = Scheduler(model, self.opt.scheduler)
+        self.scheduler = scheduler if scheduler is not None else Scheduler(model, self.opt.scheduler)
         self.metrics = EngineMetrics()
         self.metrics.queue.set_function(lambda: self.scheduler.queued)
         self.metrics.active.set_function(lambda: len(self.sessions))
@@ -109,6 +111,9 @@ class Engine:
         """The token that lets a client continue ``session_id`` (on any replica sharing the store)."""
         sig = hmac.new(self._secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
         return f"{session_id}.{sig}"
+
+    def _new_session(self, sid: str, config: SessionConfig, snapshot: Snapshot | None, owner: str) -> Session:
+        return Session(sid, config, self.model, snapshot, owner=owner)
 
     async def _load(self, session_id: str) -> Snapshot | None:
         try:
@@ -181,7 +186,7 @@ class Engine:
             except Exception as e:
                 raise StateUnavailableError("session state cannot be read right now; retry the resume later") from e
         sid = resume or uuid.uuid4().hex
-        live = LiveSession(self, Session(sid, config, self.model, snapshot, owner=owner), replay)
+        live = LiveSession(self, self._new_session(sid, config, snapshot, owner), replay)
         self.sessions[sid] = live
         self.metrics.opened.labels(str(resume is not None).lower()).inc()
         try:
@@ -222,7 +227,10 @@ class LiveSession:
             if self.session.intake.samples_in / fmt.sample_rate > self.engine.opt.max_session_s:
                 raise SessionLimitError(f"session over {self.engine.opt.max_session_s:g} s of audio; open a new one")
             before = self.session.intake.samples_in
-            await loop.run_in_executor(self.engine._pool, self.session.feed, data)
+            if self.engine.opt.feed_inline:
+                self.session.feed(data)
+            else:
+                await loop.run_in_executor(self.engine._pool, self.session.feed, data)
             self.engine.metrics.audio.inc((self.session.intake.samples_in - before) / fmt.sample_rate)
         self._kick.set()
 
@@ -293,19 +301,20 @@ class LiveSession:
             if isinstance(ev, Error):
                 m.errors.labels(ev.code).inc()
             try:
-                await asyncio.wait_for(self._out.put(ev), self.engine.opt.slow_consumer_s)
-            except TimeoutError:
-                raise _SlowConsumer from None
+                self._out.put_nowait(ev)  # the usual case, without a timer
+            except asyncio.QueueFull:
+                try:
+                    await asyncio.wait_for(self._out.put(ev), self.engine.opt.slow_consumer_s)
+                except TimeoutError:
+                    raise _SlowConsumer from None
 
     async def _persist(self, events: list[Event]) -> list[Event]:
         """Store finalized results. If the store is down the client still gets them (with one
         non-fatal ``state_unavailable`` error per outage); storing resumes when it is back."""
         store = self.engine.store
         try:
-            for ev in events:
-                if isinstance(ev, (Final, Analysis)):
-                    await store.add_result(self.id, ev.to_dict())
-            await store.save(self.session.snapshot())
+            results = [ev.to_dict() for ev in events if isinstance(ev, (Final, Analysis))]
+            await store.commit(self.session.snapshot(), results)
         except Exception as e:  # connection refused, timeout, Redis restarting
             self.engine.metrics.errors.labels("state_unavailable").inc()
             if not self._store_down:

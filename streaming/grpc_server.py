@@ -160,7 +160,8 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
         try:
             while True:
                 try:
-                    req = await asyncio.wait_for(anext(requests), self.idle_timeout_s)
+                    async with asyncio.timeout(self.idle_timeout_s):  # no task per message, unlike wait_for
+                        req = await anext(requests)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:

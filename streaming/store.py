@@ -35,6 +35,9 @@ class SessionStore(Protocol):
     async def add_result(self, session_id: str, event: dict[str, Any]) -> None:
         """Append a finalized result (a Final or Analysis event as a dict) to the session's log."""
 
+    async def commit(self, snap: Snapshot, events: list[dict[str, Any]]) -> None:
+        """``add_result`` for each event, then ``save``: in one round trip, atomically where the store can."""
+
     async def results_after(self, session_id: str, seq: int) -> list[dict[str, Any]]:
         """The session's stored results with ``seq`` greater than the given one, in order."""
 
@@ -74,6 +77,11 @@ class InMemoryStore:
             del log[: max(0, len(log) - self.max_results)]
             self.global_log.append(event)
 
+    async def commit(self, snap: Snapshot, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            await self.add_result(snap.session_id, ev)
+        await self.save(snap)
+
     async def results_after(self, session_id: str, seq: int) -> list[dict[str, Any]]:
         return [e for e in self._results.get(session_id, []) if e["seq"] > seq]
 
@@ -95,22 +103,21 @@ class RedisStore:
     """Session state in Redis. Give it a URL (``redis://host:port/0`` or ``unix:///path.sock``)."""
 
     def __init__(self, url: str, ttl_s: int = 3600, max_results: int = 10000, global_maxlen: int = 100000,
-                 prefix: str = "osum") -> None:  # fmt: skip
+                 prefix: str = "osum", max_connections: int = 32) -> None:  # fmt: skip
         import redis.asyncio as redis
 
-        self.redis = redis.from_url(url, decode_responses=True)
+        # a bounded pool that queues: hundreds of sessions share a few connections (every command is
+        # one pipelined round trip) instead of failing with "Too many connections" under load
+        pool = redis.BlockingConnectionPool.from_url(url, decode_responses=True, max_connections=max_connections, timeout=10)
+        self.redis = redis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self.ttl_s, self.max_results, self.global_maxlen, self.prefix = ttl_s, max_results, global_maxlen, prefix
 
     def _k(self, kind: str, sid: str = "") -> str:
         return f"{self.prefix}:{kind}:{sid}" if sid else f"{self.prefix}:{kind}"
 
     async def save(self, snap: Snapshot) -> None:
-        key = self._k("session", snap.session_id)
-        fields = {k: json.dumps(v) for k, v in snap.__dict__.items()}
         async with self.redis.pipeline(transaction=True) as p:
-            p.hset(key, mapping=fields)
-            p.expire(key, self.ttl_s)
-            p.expire(self._k("results", snap.session_id), self.ttl_s)
+            self._save(p, snap)
             await p.execute()
 
     async def load(self, session_id: str) -> Snapshot | None:
@@ -120,11 +127,27 @@ class RedisStore:
         return Snapshot(**{k: json.loads(v) for k, v in raw.items()})
 
     async def add_result(self, session_id: str, event: dict[str, Any]) -> None:
-        body = {"session_id": session_id, "seq": str(event["seq"]), "type": event["type"], "event": json.dumps(event)}
         async with self.redis.pipeline(transaction=True) as p:
-            p.xadd(self._k("results", session_id), body, maxlen=self.max_results, approximate=False)
-            p.expire(self._k("results", session_id), self.ttl_s)
-            p.xadd(self._k("results"), body, maxlen=self.global_maxlen, approximate=True)
+            self._add(p, session_id, event)
+            await p.execute()
+
+    def _add(self, p: Any, session_id: str, event: dict[str, Any]) -> None:
+        body = {"session_id": session_id, "seq": str(event["seq"]), "type": event["type"], "event": json.dumps(event)}
+        p.xadd(self._k("results", session_id), body, maxlen=self.max_results, approximate=False)
+        p.expire(self._k("results", session_id), self.ttl_s)
+        p.xadd(self._k("results"), body, maxlen=self.global_maxlen, approximate=True)
+
+    def _save(self, p: Any, snap: Snapshot) -> None:
+        key = self._k("session", snap.session_id)
+        p.hset(key, mapping={k: json.dumps(v) for k, v in snap.__dict__.items()})
+        p.expire(key, self.ttl_s)
+        p.expire(self._k("results", snap.session_id), self.ttl_s)
+
+    async def commit(self, snap: Snapshot, events: list[dict[str, Any]]) -> None:
+        async with self.redis.pipeline(transaction=True) as p:  # one round trip, MULTI/EXEC
+            for ev in events:
+                self._add(p, snap.session_id, ev)
+            self._save(p, snap)
             await p.execute()
 
     async def results_after(self, session_id: str, seq: int) -> list[dict[str, Any]]:

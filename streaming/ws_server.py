@@ -127,7 +127,8 @@ class ListenHandler:
     async def _read(self, ws: ServerConnection, session: LiveSession) -> None:
         while True:
             try:
-                frame = await asyncio.wait_for(ws.recv(), self.idle_timeout_s)
+                async with asyncio.timeout(self.idle_timeout_s):  # no task per frame, unlike wait_for
+                    frame = await ws.recv()
             except TimeoutError:
                 raise IdleTimeoutError(f"nothing received for {self.idle_timeout_s:g} s (send KeepAlive while paused)") from None
             except ConnectionClosedOK:
