@@ -263,7 +263,7 @@ class LiveSession:
     async def _drive(self) -> None:
         s, eng = self.session, self.engine
         try:
-            while s.state is not State.CLOSED:
+            while True:  # until closed and everything published (a session may close with events pending)
                 self._kick.clear()  # before asking: a send after this point wakes the wait below
                 async with self._lock:
                     req = s.next_work(allow_partial=not eng.overloaded)
