@@ -56,7 +56,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         d: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
                              "msg": record.getMessage()}  # fmt: skip
-        for key in ("session_id", "code"):
+        for key in ("session_id", "key", "code"):
             if hasattr(record, key):
                 d[key] = getattr(record, key)
         if record.exc_info:

@@ -189,10 +189,11 @@ class Engine:
         live = LiveSession(self, self._new_session(sid, config, snapshot, owner), replay)
         self.sessions[sid] = live
         self.metrics.opened.labels(str(resume is not None).lower()).inc()
+        log.info("session %s %s", "resumed" if resume else "opened", sid, extra={"session_id": sid, "key": owner})
         try:
             await self.store.save(live.session.snapshot())
         except Exception as e:  # a new session works without the store; it just cannot be resumed yet
-            log.warning("session %s: cannot store its state (%s)", sid, e)
+            log.warning("session %s: cannot store its state (%s)", sid, e, extra={"session_id": sid})
             live._store_down = True
             live.session.warn("state_unavailable", "session state cannot be stored right now: a resume may not find it")
         return live
@@ -285,7 +286,7 @@ class LiveSession:
                         s.apply(req, result)
                 await self._publish()
         except _SlowConsumer:
-            log.warning("session %s: client not reading events; closing", self.id)
+            log.warning("session %s: client not reading events; closing", self.id, extra={"session_id": self.id})
         except asyncio.CancelledError:
             pass
         finally:
@@ -319,7 +320,7 @@ class LiveSession:
             self.engine.metrics.errors.labels("state_unavailable").inc()
             if not self._store_down:
                 self._store_down = True
-                log.warning("session %s: cannot store results (%s); serving on without persistence", self.id, e)
+                log.warning("session %s: cannot store results (%s); serving on without persistence", self.id, e, extra={"session_id": self.id})
                 async with self._lock:
                     self.session.warn("state_unavailable", "session state cannot be stored right now: results are "
                                       "delivered but a resume may not find them")  # fmt: skip
@@ -327,16 +328,17 @@ class LiveSession:
             return []
         if self._store_down:
             self._store_down = False
-            log.info("session %s: storing results again", self.id)
+            log.info("session %s: storing results again", self.id, extra={"session_id": self.id})
         return []
 
     async def _finish(self) -> None:
         try:
             await self.engine.store.save(self.session.snapshot())
         except Exception:  # the store is down: the results already sent stay sent
-            log.exception("session %s: could not store the final snapshot", self.id)
+            log.exception("session %s: could not store the final snapshot", self.id, extra={"session_id": self.id})
         if self.engine.sessions.get(self.id) is self:
             del self.engine.sessions[self.id]
+        log.info("session closed", extra={"session_id": self.id, "key": self.owner})
         while True:  # make room for the end marker even if the client stopped reading
             try:
                 self._out.put_nowait(None)

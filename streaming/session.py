@@ -340,7 +340,7 @@ class Session:
         self._error(code, message)
 
     def _error(self, code: str, message: str, fatal: bool = False) -> None:
-        log.info("session %s: %s: %s", self.id, code, message)
+        log.info("session %s: %s: %s", self.id, code, message, extra={"session_id": self.id})
         self._emit(Error, code=code, message=message, fatal=fatal)
 
     def drain(self) -> list[Event]:

@@ -86,7 +86,7 @@ class ListenHandler:
             if isinstance(error, OsumError):
                 await _send_error(ws, error.code, with_hint(error.code, str(error)))
             elif error is not None and not isinstance(error, ConnectionClosed):
-                log.error("session %s: reader failed", session.id, exc_info=error)
+                log.error("session %s: reader failed", session.id, exc_info=error, extra={"session_id": session.id})
             await session.end()  # abrupt disconnect too: finish what was heard, keep it for a resume
             with contextlib.suppress(ConnectionClosed):
                 await writer

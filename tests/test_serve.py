@@ -59,6 +59,9 @@ def test_serve_streams_reports_health_and_drains_on_sigterm(male_clip) -> None: 
         assert proc.stderr is not None
         logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
         assert any("private redis-server" in r["msg"] for r in logs) and any(r["msg"] == "stopped" for r in logs)
+        opened = [r for r in logs if r["msg"].startswith("session opened")]
+        assert opened and opened[0]["session_id"] and opened[0]["key"] == "anonymous"  # structured, per session
+        assert any(r["msg"] == "auth is OFF: anyone who can reach the ports may open sessions (local use only)" for r in logs)
     finally:
         if proc.poll() is None:
             proc.kill()
