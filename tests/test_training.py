@@ -113,3 +113,21 @@ def test_trained_overlay_loads_as_a_model(tiny_run, tmp_path: Path) -> None:  # 
     assert isinstance(q, LoRALinear) and q.lora_B.weight.abs().sum() > 0
     merged = q.base.weight.float() + q.scale * q.lora_B.weight @ q.lora_A.weight
     torch.testing.assert_close(loaded.llm.model.layers[0].self_attn.q_proj.weight, merged, atol=2e-3, rtol=1e-2)
+
+
+def test_joint_stage_from_a_ctc_run_matches_the_token_embedding_norm(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The cosine CTC head leaves the speech norm free; the joint stage rescales it to the text's."""
+    cfg, model = tiny_run
+    ctc_run = tmp_path / "ctc"
+    _trainer(ctc_run, cfg, model).train(say=lambda s: None)
+    joint = _trainer(tmp_path / "joint", replace(cfg, stage="joint", init=str(ctc_run)), model)
+    with torch.no_grad():
+        speech, lengths = joint._speech(joint.train_items, train=False)
+        valid = torch.arange(speech.shape[1])[None] < lengths[:, None]
+        norm = speech[valid].norm(dim=-1).mean()
+        target = joint.model.llm.get_input_embeddings().weight.norm(dim=-1).mean()
+    assert torch.isclose(norm, target, rtol=0.05), (norm, target)
+    unscaled = _trainer(tmp_path / "joint2", replace(cfg, stage="joint", init=str(ctc_run), match_embedding_norm=False), model)
+    with torch.no_grad():
+        s2, _ = unscaled._speech(unscaled.train_items, train=False)
+    assert not torch.isclose(s2[valid].norm(dim=-1).mean(), target, rtol=0.05)  # the rescale did it
