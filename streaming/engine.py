@@ -132,7 +132,7 @@ class Engine:
         self.accepting = False
         sessions = list(self.sessions.values())
         if drain:
-            await asyncio.gather(*(s.end() for s in sessions), return_exceptions=True)
+            await asyncio.gather(*(s.drain() for s in sessions), return_exceptions=True)
             await asyncio.gather(*(s.wait_closed() for s in sessions), return_exceptions=True)
         for s in sessions:
             s._driver.cancel()
@@ -216,12 +216,15 @@ class LiveSession:
         self._kick = asyncio.Event()
         self._closed = asyncio.Event()
         self._store_down = False
+        self._draining = False
         self._driver = asyncio.get_running_loop().create_task(self._drive(), name=f"session-{self.id}")
 
     # ---- client side --------------------------------------------------------------------
 
     async def send(self, data: bytes | np.ndarray) -> None:
         """Audio. Decoding and VAD run in the feed pool; the driver then asks for model work."""
+        if self._draining:
+            return
         loop = asyncio.get_running_loop()
         async with self._lock:
             fmt = self.session.config.audio
@@ -245,6 +248,12 @@ class LiveSession:
         async with self._lock:
             self.session.end_of_stream()
         self._kick.set()
+
+    async def drain(self) -> None:
+        """The server is stopping: finish the open utterance; audio still arriving is dropped
+        quietly (the client resumes elsewhere and re-sends it from the resume point)."""
+        self._draining = True
+        await self.end()
 
     async def abort(self) -> None:
         """The client went away: finish what was heard, keep the results in the store for a resume."""

@@ -110,7 +110,8 @@ def test_sdk_resumes_across_a_server_restart_without_losing_or_repeating(tiny_mo
     ids = [f.utterance_id for f in finals]
     assert ids == sorted(set(ids)) and len(ids) >= 2  # numbering continued on the new server
     assert all(b.start >= a.end for a, b in zip(finals, finals[1:]))
-    assert not any(isinstance(e, Error) for e in events)
+    errors = [(e.code, e.message) for e in events if isinstance(e, Error)]
+    assert not errors, errors
 
 
 def test_finalize_in_the_source_and_the_sync_client(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
@@ -151,3 +152,20 @@ def test_osum_stream_cli(tiny_model, male_clip, tmp_path: Path) -> None:  # type
     final = next(x for x in lines if x["type"] == "Final")
     assert rc2 == 0 and final["transcript"].strip() in out2 and "emotion=" in out2 and "gender=" in out2
     assert rc3 == 1 and "invalid_config" in err3
+
+
+def test_the_documented_example_runs(tiny_model, male_clip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    wav = tmp_path / "call.wav"
+    sf.write(wav, np.concatenate([SIL, male_clip, SIL]), 16000)
+    example = Path(__file__).resolve().parent.parent / "clients" / "python" / "examples" / "transcribe_file.py"
+
+    async def main() -> tuple[int, str]:
+        async with Servers(tiny_model) as s:
+            p = await asyncio.create_subprocess_exec(sys.executable, str(example), str(wav), f"grpc://127.0.0.1:{s.grpc_port}",
+                                                     stdout=asyncio.subprocess.PIPE)  # fmt: skip
+            out, _ = await p.communicate()
+            return p.returncode or 0, out.decode()
+
+    rc, out = asyncio.run(main())
+    lines = out.splitlines()
+    assert rc == 0 and lines[0].startswith("[") and "#0" in lines[0] and "emotion:" in lines[1]
