@@ -24,8 +24,8 @@ from osum.errors import OsumError
 
 from .audio import SAMPLE_RATE, AudioIntake
 from .engine import Engine, EngineOptions
-from .events import Analysis, Error, Event, Final, Label, Partial, SpeechEnded, SpeechStarted
-from .session import SessionConfig, Snapshot, State
+from .events import Analysis, Event, Final, Label, Partial, SpeechEnded, SpeechStarted
+from .session import EventLog, SessionConfig, Snapshot, State
 from .store import SessionStore
 
 __all__ = ["NullEngine", "NullSession"]
@@ -34,7 +34,7 @@ FRAME = 320  # 20 ms at 16 kHz
 _THRESHOLD = 10 ** (-40 / 20)  # -40 dBFS
 
 
-class NullSession:
+class NullSession(EventLog):
     """The sans-I/O surface of :class:`~streaming.session.Session`, with no model behind it."""
 
     def __init__(self, session_id: str, config: SessionConfig, snapshot: Snapshot | None = None,
@@ -59,12 +59,12 @@ class NullSession:
 
     def feed(self, data: bytes | np.ndarray) -> None:
         if self.state is not State.OPEN:
-            self._emit(Error, code="session_ending", message="audio after the end of stream was ignored", fatal=False)
+            self._error("session_ending", "audio after the end of stream was ignored")
             return
         try:
             x = self.intake.push(data)
         except OsumError as e:
-            self._emit(Error, code=e.code, message=str(e), fatal=False)
+            self._error(e.code, str(e))
             return
         x = np.concatenate([self._spare, x])
         n = x.size // FRAME
@@ -131,25 +131,9 @@ class NullSession:
     def fail(self, req: Any, error: OsumError) -> None:
         raise AssertionError("the null session asks for no work")
 
-    def warn(self, code: str, message: str) -> None:
-        self._emit(Error, code=code, message=message, fatal=False)
-
-    def drain(self) -> list[Event]:
-        out, self._events = self._events, []
-        return out
-
     def snapshot(self) -> Snapshot:
         return Snapshot(self.id, self.config.to_dict(), self.seq, self._next_utt, self._base + self._now,
                         list(self.finals), self.owner)  # fmt: skip
-
-    def _t(self, sample: int) -> float:
-        return round((self._base + sample) / SAMPLE_RATE, 3)
-
-    def _emit(self, cls: type[Event], **fields: Any) -> Event:
-        ev = cls(seq=self.seq, session_id=self.id, **fields)
-        self.seq += 1
-        self._events.append(ev)
-        return ev
 
 
 class _NoWorker:

@@ -34,7 +34,7 @@ from .events import Analysis, Error, Event, Final, Partial, SpeechEnded, SpeechS
 from .vad import Endpointer, VadEvent, VadOptions
 from .work import TAG_TASKS, AnalysisRequest, AnalysisResult, FinalRequest, FinalResult, PartialRequest, PartialResult
 
-__all__ = ["SessionConfig", "Session", "State", "Snapshot"]
+__all__ = ["SessionConfig", "Session", "EventLog", "State", "Snapshot"]
 
 log = logging.getLogger("streaming.session")
 
@@ -121,7 +121,38 @@ class _Utterance:
     stage: str = "partial"  # partial -> final -> analysis -> done
 
 
-class Session:
+class EventLog:
+    """Numbered events for a session (``id``, ``seq``, ``_base``, ``_events`` set by the subclass)."""
+
+    id: str
+    seq: int
+    _base: int
+    _events: list[Event]
+
+    def _t(self, sample: int) -> float:
+        return round((self._base + sample) / SAMPLE_RATE, 3)
+
+    def _emit(self, cls: type[Event], **fields: Any) -> Event:
+        ev = cls(seq=self.seq, session_id=self.id, **fields)
+        self.seq += 1
+        self._events.append(ev)
+        return ev
+
+    def warn(self, code: str, message: str) -> None:
+        """A non-fatal Error event from outside the model path (e.g. the store is down)."""
+        self._error(code, message)
+
+    def _error(self, code: str, message: str, fatal: bool = False) -> None:
+        log.info("session %s: %s: %s", self.id, code, message, extra={"session_id": self.id})
+        self._emit(Error, code=code, message=message, fatal=fatal)
+
+    def drain(self) -> list[Event]:
+        """Events produced since the last call, in order."""
+        out, self._events = self._events, []
+        return out
+
+
+class Session(EventLog):
     """The state machine of one stream. Not thread-safe: drive it from one task."""
 
     def __init__(self, session_id: str, config: SessionConfig, model: Any, snapshot: Snapshot | None = None,
@@ -323,30 +354,6 @@ class Session:
     def _maybe_close(self) -> None:
         if self.state is State.ENDING and not self._utts and not self._in_flight:
             self.state = State.CLOSED
-
-    # ---- output -----------------------------------------------------------------------
-
-    def _t(self, sample: int) -> float:
-        return round((self._base + sample) / SAMPLE_RATE, 3)
-
-    def _emit(self, cls: type[Event], **fields: Any) -> Event:
-        ev = cls(seq=self.seq, session_id=self.id, **fields)
-        self.seq += 1
-        self._events.append(ev)
-        return ev
-
-    def warn(self, code: str, message: str) -> None:
-        """A non-fatal Error event from outside the model path (e.g. the store is down)."""
-        self._error(code, message)
-
-    def _error(self, code: str, message: str, fatal: bool = False) -> None:
-        log.info("session %s: %s: %s", self.id, code, message, extra={"session_id": self.id})
-        self._emit(Error, code=code, message=message, fatal=fatal)
-
-    def drain(self) -> list[Event]:
-        """Events produced since the last call, in order."""
-        out, self._events = self._events, []
-        return out
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.id, self.config.to_dict(), self.seq, self._next_utt,
