@@ -9,6 +9,8 @@ beams, top-k 5, top-p 0.9, repetition penalty 1.05), seeded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass, field
 
 import torch
@@ -115,17 +117,23 @@ def _sampling_logprobs(logits: torch.Tensor, opt: DecodingOptions) -> torch.Tens
     return F.log_softmax(logits, dim=-1)
 
 
-def generate(llm: nn.Module, inputs: SplicedInputs, options: DecodingOptions, eos_id: int) -> list[Hypothesis]:
+def generate(llm: nn.Module, inputs: SplicedInputs, options: DecodingOptions, eos_id: int,
+             on_step: Callable[[list[Hypothesis]], None] | None = None) -> list[Hypothesis]:  # fmt: skip
     """Decode one hypothesis per row of ``inputs``.
 
-    Stops a row at ``eos_id`` or after ``options.max_new_tokens`` tokens.
+    Stops a row at ``eos_id`` or after ``options.max_new_tokens`` tokens. ``on_step`` (greedy and
+    sampling only: a beam's best prefix can still change) sees the hypotheses after every step,
+    for streaming the text as it is written.
     """
     if options.beam_size == 1:
-        return _greedy_or_sample(llm, inputs, options, eos_id)
+        return _greedy_or_sample(llm, inputs, options, eos_id, on_step)
+    if on_step is not None:
+        raise ValueError("on_step needs beam_size 1")
     return _beam(llm, inputs, options, eos_id)
 
 
-def _greedy_or_sample(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOptions, eos_id: int) -> list[Hypothesis]:
+def _greedy_or_sample(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOptions, eos_id: int,
+                      on_step: Callable[[list[Hypothesis]], None] | None = None) -> list[Hypothesis]:  # fmt: skip
     B = inputs.embeds.shape[0]
     dev = inputs.embeds.device
     gen = torch.Generator(device=dev).manual_seed(opt.seed) if opt.sample else None
@@ -153,6 +161,8 @@ def _greedy_or_sample(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOption
                 hyps[b].tokens.append(t)
                 hyps[b].token_logprobs.append(lp)
         done |= tok == eos_id
+        if on_step is not None:
+            on_step(hyps)
         if bool(done.all()) or step == opt.max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)

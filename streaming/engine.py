@@ -33,6 +33,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from .metrics import EngineMetrics
 from .scheduler import Scheduler, SchedulerOptions
 from .session import Session, SessionConfig, Snapshot, State
 from .store import InMemoryStore, SessionStore
+from .work import AnalysisRequest
 
 __all__ = ["Engine", "EngineOptions", "LiveSession", "OverCapacityError", "SessionNotFoundError", "SessionLimitError",
            "StateUnavailableError"]
@@ -285,7 +287,7 @@ class LiveSession:
                     continue
                 started = time.monotonic()
                 try:
-                    result = await eng.scheduler.run(req)
+                    result = await self._run(req)
                     eng.metrics.work.labels(type(req).__name__.removesuffix("Request").lower()).observe(time.monotonic() - started)
                 except OsumError as e:
                     async with self._lock:
@@ -300,6 +302,34 @@ class LiveSession:
             pass
         finally:
             await self._finish()
+
+    async def _run(self, req: Any) -> Any:
+        """Run a request on the scheduler; a chat reply's pieces are published as they come."""
+        if not (isinstance(req, AnalysisRequest) and req.chat):
+            return await self.engine.scheduler.run(req)
+        loop = asyncio.get_running_loop()
+        pieces: deque[str] = deque()  # filled on the model's thread, emptied here
+        arrived = asyncio.Event()
+
+        def on_reply(text: str) -> None:  # the model's worker thread
+            pieces.append(text)
+            loop.call_soon_threadsafe(arrived.set)
+
+        req.on_reply = on_reply
+        work = asyncio.ensure_future(self.engine.scheduler.run(req))
+        while True:
+            waiter = asyncio.ensure_future(arrived.wait())
+            await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            arrived.clear()
+            if pieces:
+                latest = pieces[-1]  # the text so far: only the newest matters
+                pieces.clear()
+                async with self._lock:
+                    self.session.reply_so_far(req.utterance_id, latest)
+                await self._publish()
+            if work.done():
+                return work.result()
 
     async def _publish(self) -> None:
         events = self.session.drain()

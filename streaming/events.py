@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "Event", "SpeechStarted", "Partial", "Word", "Final", "Label", "Analysis", "SpeechEnded", "Error",
+    "Event", "SpeechStarted", "Partial", "Word", "Final", "Label", "Analysis", "ReplyDelta", "SpeechEnded", "Error",
     "UNSUPPORTED", "event_from_dict",
 ]  # fmt: skip
 
@@ -89,6 +89,16 @@ class Analysis(Event):
 
 
 @dataclass(frozen=True)
+class ReplyDelta(Event):
+    """Voice chat: the next piece of the model's reply to an utterance, as it is written.
+
+    The pieces join into the reply; the Analysis that follows carries the whole reply."""
+
+    utterance_id: int
+    delta: str
+
+
+@dataclass(frozen=True)
 class SpeechEnded(Event):
     utterance_id: int
     end: float
@@ -102,7 +112,7 @@ class Error(Event):
     fatal: bool = False  # True: the session is over
 
 
-_TYPES: dict[str, type[Event]] = {c.__name__: c for c in (SpeechStarted, Partial, Final, Analysis, SpeechEnded, Error)}
+_TYPES: dict[str, type[Event]] = {c.__name__: c for c in (SpeechStarted, Partial, Final, Analysis, ReplyDelta, SpeechEnded, Error)}
 
 
 def event_from_dict(d: dict[str, Any]) -> Event:

@@ -27,7 +27,7 @@ from osum.errors import InvalidConfigError, OsumError
 from .audio import AudioFormat
 from .auth import Authenticator, Principal, credential_from
 from .engine import Engine
-from .events import Analysis, Error, Event, Final, Partial, SpeechEnded, SpeechStarted
+from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
 from .proto import speech_pb2 as pb
 from .proto import speech_pb2_grpc
 from .session import SessionConfig
@@ -100,6 +100,8 @@ def to_response(ev: Event) -> pb.StreamingRecognizeResponse:
     elif isinstance(ev, Analysis):
         tags = {k: pb.Label(label=v.label, score=v.score or 0.0, scores=v.scores or {}) for k, v in ev.tags.items()}
         r.analysis.CopyFrom(pb.Analysis(utterance_id=ev.utterance_id, tags=tags, reply=ev.reply or ""))
+    elif isinstance(ev, ReplyDelta):
+        r.reply_delta.CopyFrom(pb.ReplyDelta(utterance_id=ev.utterance_id, delta=ev.delta))
     elif isinstance(ev, Error):
         r.error.CopyFrom(pb.StreamError(code=ev.code, message=ev.message, fatal=ev.fatal))
     return r

@@ -49,7 +49,7 @@ from osum.errors import InvalidConfigError, OsumError
 from .audio import AudioFormat
 from .auth import Principal
 from .engine import Engine, LiveSession
-from .events import Analysis, Error, Event, Final, Partial, SpeechEnded, SpeechStarted
+from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
 from .session import SessionConfig
 from .status import with_hint, ws_close_code
 from .vad import VadOptions
@@ -248,6 +248,8 @@ class _Connection:
         elif isinstance(ev, Analysis):
             tags = {k: {"label": v.label, "score": v.score, "scores": v.scores} for k, v in ev.tags.items()}
             await self.send("osum.analysis", item_id=self.item(ev.utterance_id), tags=tags, reply=ev.reply, osum=ext)
+        elif isinstance(ev, ReplyDelta):
+            await self.send("osum.reply.delta", item_id=self.item(ev.utterance_id), delta=ev.delta, osum=ext)
         elif isinstance(ev, Error):
             await self.error(ev.code, ev.message)
 

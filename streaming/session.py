@@ -30,7 +30,7 @@ from osum.audio import N_MELS, IncrementalLogMel, normalize_log_mel
 from osum.errors import InvalidConfigError, OsumError
 
 from .audio import SAMPLE_RATE, AudioFormat, AudioIntake
-from .events import Analysis, Error, Event, Final, Partial, SpeechEnded, SpeechStarted
+from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
 from .vad import Endpointer, VadEvent, VadOptions
 from .work import TAG_TASKS, AnalysisRequest, AnalysisResult, FinalRequest, FinalResult, PartialRequest, PartialResult
 
@@ -169,6 +169,7 @@ class Session(EventLog):
         self._base = snapshot.audio_offset if snapshot else 0  # stream time of this session object's sample 0
         self.finals: list[dict[str, Any]] = list(snapshot.finals) if snapshot else []
         self._events: list[Event] = []
+        self._reply_sent: dict[int, str] = {}  # utterance -> reply text already sent as deltas
         self._utts: list[_Utterance] = []  # open or being finished, in order
         self._in_flight = False
         self._buf = np.zeros(0, dtype=np.float32)  # stream audio from sample _buf_start to _now
@@ -279,7 +280,8 @@ class Session(EventLog):
             req = FinalRequest(np.concatenate(u.audio)[: u.n], draft=list(u.last_hyp))
         elif u.stage == "analysis":
             assert u.final_speech is not None
-            req = AnalysisRequest(u.final_speech, u.final_ids, tuple(self.config.tasks), chat=self.config.chat)
+            req = AnalysisRequest(u.final_speech, u.final_ids, tuple(self.config.tasks), chat=self.config.chat,
+                                  utterance_id=u.id)  # fmt: skip
         elif (u.stage == "partial" and allow_partial and self.config.interim_results
               and u.since_partial >= self.config.partial_step_ms * 16):  # fmt: skip
             req = self._partial_request(u)
@@ -307,6 +309,7 @@ class Session(EventLog):
         elif isinstance(result, FinalResult):
             self._apply_final(u, result)
         elif isinstance(result, AnalysisResult):
+            self._reply_sent.pop(u.id, None)
             self._emit(Analysis, utterance_id=u.id, tags=result.tags, reply=result.reply)
             self._done(u)
         self._maybe_close()
@@ -354,6 +357,17 @@ class Session(EventLog):
     def _maybe_close(self) -> None:
         if self.state is State.ENDING and not self._utts and not self._in_flight:
             self.state = State.CLOSED
+
+    def reply_so_far(self, utterance_id: int, text: str) -> None:
+        """Voice chat: the reply being written; emits the new part as a ReplyDelta.
+
+        Append-only: a trailing half character (U+FFFD while a multi-byte character is split
+        over tokens) is held back until it is complete."""
+        sent = self._reply_sent.get(utterance_id, "")
+        text = text.rstrip("\ufffd")
+        if len(text) > len(sent) and text.startswith(sent):
+            self._reply_sent[utterance_id] = text
+            self._emit(ReplyDelta, utterance_id=utterance_id, delta=text[len(sent):])
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.id, self.config.to_dict(), self.seq, self._next_utt,

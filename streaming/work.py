@@ -17,6 +17,7 @@ back. Three kinds, by priority:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +81,9 @@ class AnalysisRequest:
     kinds: tuple[str, ...]
     chat: bool = False  # also write STTC's reply to the utterance
     max_reply_tokens: int = 120
+    utterance_id: int = -1
+    # called on the model's worker thread with the reply so far, after every token (streaming)
+    on_reply: Callable[[str], None] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -170,7 +174,16 @@ def _replies(model: OsumModel, reqs: list[AnalysisRequest], results: list[Analys
     batch, lengths = _stack([reqs[i].speech for i in chat])
     inputs = model.splice([_prompt(model, "sttc")] * len(chat), batch, lengths, [reqs[i].transcript_ids + sep for i in chat])
     opts = DecodingOptions(max_new_tokens=max(reqs[i].max_reply_tokens for i in chat))
-    for i, h in zip(chat, generate(model.llm, inputs, opts, model.cfg.eos_token_id)):
+    streams = [(j, reqs[i].on_reply) for j, i in enumerate(chat) if reqs[i].on_reply is not None]
+    grown = [0] * len(chat)
+
+    def step(hyps: list) -> None:  # type: ignore[type-arg]
+        for j, callback in streams:
+            if len(hyps[j].tokens) > grown[j]:
+                grown[j] = len(hyps[j].tokens)
+                callback(model.tokenizer.decode(hyps[j].tokens).lstrip())
+
+    for i, h in zip(chat, generate(model.llm, inputs, opts, model.cfg.eos_token_id, step if streams else None)):
         results[i].reply = model.tokenizer.decode(h.tokens).strip()
 
 

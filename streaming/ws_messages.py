@@ -27,7 +27,7 @@ from typing import Any
 from osum.errors import InvalidConfigError, OsumError
 
 from .audio import AudioFormat
-from .events import Analysis, Error, Event, Final, Partial, SpeechEnded, SpeechStarted
+from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
 from .session import SessionConfig
 from .vad import VadOptions
 
@@ -127,7 +127,8 @@ def event_message(ev: Event) -> dict[str, Any]:
 
     ``SpeechStarted``, ``Results`` (interim: ``is_final`` false with ``committed`` and
     ``unstable``; final: ``is_final`` true with ``transcript`` and ``confidence``),
-    ``UtteranceEnd``, ``Analysis`` (``tags``: kind -> {label, score, scores}; ``reply``)
+    ``UtteranceEnd``, ``ReplyDelta`` (chat: the next piece of the reply, as it is written),
+    ``Analysis`` (``tags``: kind -> {label, score, scores}; ``reply``)
     and ``Error`` (``code``, ``message``, ``fatal``). All carry ``seq`` and ``session_id``.
     """
     base = {"seq": ev.seq, "session_id": ev.session_id}
@@ -141,6 +142,8 @@ def event_message(ev: Event) -> dict[str, Any]:
         return {"type": "Results", **base, "utterance_id": ev.utterance_id, "is_final": True, "transcript": ev.transcript,
                 "committed": ev.transcript, "unstable": "", "confidence": ev.confidence, "start": ev.start, "end": ev.end,
                 "words": [{"word": w.text, "start": w.start, "end": w.end} for w in ev.words], "reason": ev.reason}  # fmt: skip
+    if isinstance(ev, ReplyDelta):
+        return {"type": "ReplyDelta", **base, "utterance_id": ev.utterance_id, "delta": ev.delta}
     if isinstance(ev, SpeechEnded):
         return {"type": "UtteranceEnd", **base, "utterance_id": ev.utterance_id, "last_word_end": ev.end, "reason": ev.reason}
     if isinstance(ev, Analysis):

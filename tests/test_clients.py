@@ -169,3 +169,23 @@ def test_the_documented_example_runs(tiny_model, male_clip, tmp_path: Path) -> N
     rc, out = asyncio.run(main())
     lines = out.splitlines()
     assert rc == 0 and lines[0].startswith("[") and "#0" in lines[0] and "emotion:" in lines[1]
+
+
+def test_chat_replies_stream_as_they_are_written(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """Voice chat: ReplyDelta pieces arrive before the Analysis and join into its reply, on both protocols."""
+    from osum_client import ReplyDelta
+
+    audio = np.concatenate([SIL, male_clip, SIL])
+    opts = replace(FAST, tasks=(), chat=True)
+
+    async def main() -> list[list]:
+        async with Servers(tiny_model) as s:
+            return [await _events(f"ws://127.0.0.1:{s.ws_port}", from_array(audio), opts),
+                    await _events(f"grpc://127.0.0.1:{s.grpc_port}", from_array(audio), opts)]  # fmt: skip
+
+    for events in asyncio.run(main()):
+        analysis = next(e for e in events if isinstance(e, Analysis))
+        deltas = [e for e in events if isinstance(e, ReplyDelta)]
+        assert len(deltas) >= 2 and all(d.seq < analysis.seq and d.utterance_id == analysis.utterance_id for d in deltas)
+        joined = "".join(d.delta for d in deltas)  # a split multi-byte character at the very end is held back
+        assert analysis.reply and joined.strip() == analysis.reply.rstrip("\ufffd").strip()

@@ -33,6 +33,17 @@ function utterance(id) {
   return u;
 }
 
+function replyOf(id) {
+  const el = utterance(id).el;
+  let r = el.querySelector(".reply");
+  if (!r) {
+    r = document.createElement("span");
+    r.className = "reply";
+    el.appendChild(r);
+  }
+  return r;
+}
+
 function fmt(t) { return t.toFixed(2).padStart(6, " "); }
 
 function onMessage(m) {
@@ -72,14 +83,12 @@ function onMessage(m) {
         c.textContent = tag.score == null ? `${kind}: ${tag.label}` : `${kind}: ${tag.label} ${Math.round(tag.score * 100)}%`;
         chips.appendChild(c);
       }
-      if (m.reply) {
-        const r = document.createElement("span");
-        r.className = "reply";
-        r.textContent = m.reply;
-        chips.after(r);
-      }
+      if (m.reply) replyOf(m.utterance_id).textContent = m.reply; // the whole reply replaces the streamed pieces
       break;
     }
+    case "ReplyDelta": // voice chat: the reply as the model writes it
+      replyOf(m.utterance_id).textContent += m.delta;
+      break;
     case "Error": {
       const p = document.createElement("p");
       p.className = "error";

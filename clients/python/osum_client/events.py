@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Event", "Begin", "SpeechStarted", "Partial", "Final", "Word", "Tag", "Analysis", "UtteranceEnd", "Error",
+__all__ = ["Event", "Begin", "SpeechStarted", "Partial", "Final", "Word", "Tag", "Analysis", "ReplyDelta", "UtteranceEnd", "Error",
            "from_ws", "from_grpc"]  # fmt: skip
 
 
@@ -88,6 +88,14 @@ class Analysis(Event):
 
 
 @dataclass(frozen=True)
+class ReplyDelta(Event):
+    """Voice chat: the next piece of the model's reply, as it is written (the Analysis has it whole)."""
+
+    utterance_id: int
+    delta: str
+
+
+@dataclass(frozen=True)
 class UtteranceEnd(Event):
     utterance_id: int
     end: float
@@ -123,6 +131,8 @@ def from_ws(m: dict[str, Any]) -> Event | None:
                      confidence=m.get("confidence"), words=words)  # fmt: skip
     if kind == "Analysis":
         return Analysis(**base, utterance_id=m["utterance_id"], tags=_tags(m.get("tags", {})), reply=m.get("reply"))
+    if kind == "ReplyDelta":
+        return ReplyDelta(**base, utterance_id=m["utterance_id"], delta=m["delta"])
     if kind == "UtteranceEnd":
         return UtteranceEnd(**base, utterance_id=m["utterance_id"], end=m["last_word_end"])
     if kind == "Error":
@@ -139,6 +149,8 @@ def from_grpc(r: Any) -> Event | None:
         return Begin(**base, resume_token=r.resume_token, audio_offset=r.audio_offset)
     if r.HasField("error"):
         return Error(**base, code=r.error.code, message=r.error.message, fatal=r.error.fatal)
+    if r.HasField("reply_delta"):
+        return ReplyDelta(**base, utterance_id=r.reply_delta.utterance_id, delta=r.reply_delta.delta)
     if r.HasField("analysis"):
         a = r.analysis
         tags = {k: Tag(v.label, v.score, dict(v.scores)) for k, v in a.tags.items()}

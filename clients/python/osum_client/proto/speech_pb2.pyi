@@ -172,7 +172,7 @@ class StreamError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., fatal: _Optional[bool] = ...) -> None: ...
 
 class StreamingRecognizeResponse(_message.Message):
-    __slots__ = ("results", "speech_event_type", "speech_event_time", "analysis", "error", "seq", "session_id", "resume_token", "processing_latency_ms", "audio_offset", "speech_event_utterance_id")
+    __slots__ = ("results", "speech_event_type", "speech_event_time", "analysis", "error", "seq", "session_id", "resume_token", "processing_latency_ms", "audio_offset", "speech_event_utterance_id", "reply_delta")
     class SpeechEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         SPEECH_EVENT_UNSPECIFIED: _ClassVar[StreamingRecognizeResponse.SpeechEventType]
@@ -192,6 +192,7 @@ class StreamingRecognizeResponse(_message.Message):
     PROCESSING_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SPEECH_EVENT_UTTERANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_DELTA_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[StreamingRecognitionResult]
     speech_event_type: StreamingRecognizeResponse.SpeechEventType
     speech_event_time: float
@@ -203,7 +204,16 @@ class StreamingRecognizeResponse(_message.Message):
     processing_latency_ms: float
     audio_offset: float
     speech_event_utterance_id: int
-    def __init__(self, results: _Optional[_Iterable[_Union[StreamingRecognitionResult, _Mapping]]] = ..., speech_event_type: _Optional[_Union[StreamingRecognizeResponse.SpeechEventType, str]] = ..., speech_event_time: _Optional[float] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., seq: _Optional[int] = ..., session_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., processing_latency_ms: _Optional[float] = ..., audio_offset: _Optional[float] = ..., speech_event_utterance_id: _Optional[int] = ...) -> None: ...
+    reply_delta: ReplyDelta
+    def __init__(self, results: _Optional[_Iterable[_Union[StreamingRecognitionResult, _Mapping]]] = ..., speech_event_type: _Optional[_Union[StreamingRecognizeResponse.SpeechEventType, str]] = ..., speech_event_time: _Optional[float] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., seq: _Optional[int] = ..., session_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., processing_latency_ms: _Optional[float] = ..., audio_offset: _Optional[float] = ..., speech_event_utterance_id: _Optional[int] = ..., reply_delta: _Optional[_Union[ReplyDelta, _Mapping]] = ...) -> None: ...
+
+class ReplyDelta(_message.Message):
+    __slots__ = ("utterance_id", "delta")
+    UTTERANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    utterance_id: int
+    delta: str
+    def __init__(self, utterance_id: _Optional[int] = ..., delta: _Optional[str] = ...) -> None: ...
 
 class RecognizeRequest(_message.Message):
     __slots__ = ("config", "audio")
