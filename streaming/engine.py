@@ -34,10 +34,10 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -54,6 +54,7 @@ __all__ = ["Engine", "EngineOptions", "LiveSession", "OverCapacityError", "Sessi
            "StateUnavailableError"]
 
 log = logging.getLogger("streaming.engine")
+T = TypeVar("T")
 
 
 class OverCapacityError(OsumError):
@@ -117,10 +118,12 @@ class Engine:
     def _new_session(self, sid: str, config: SessionConfig, snapshot: Snapshot | None, owner: str) -> Session:
         return Session(sid, config, self.model, snapshot, owner=owner)
 
-    async def _load(self, session_id: str) -> Snapshot | None:
+    @staticmethod
+    async def _read_state(read: Awaitable[T]) -> T:
+        """A store read for a resume; StateUnavailableError when the store is down."""
         try:
-            return await self.store.load(session_id)
-        except Exception as e:  # the store is down
+            return await read
+        except Exception as e:
             raise StateUnavailableError("session state cannot be read right now; retry the resume later") from e
 
     def _session_for_token(self, token: str) -> str:
@@ -175,18 +178,15 @@ class Engine:
         if resume is not None:
             old = self.sessions.get(resume)
             # read the state before touching a live connection: a refused resume must not end it
-            snapshot = await self._load(resume)
+            snapshot = await self._read_state(self.store.load(resume))
             if snapshot is None or snapshot.owner != owner or (old is not None and old.owner != owner):
                 self.metrics.refused.labels("session_not_found").inc()
                 raise SessionNotFoundError("no session to resume for this token (expired, or opened with another key)")
             if old is not None:  # the same session reconnecting here: finish the old connection's side
                 await old.abort()
-                snapshot = await self._load(resume) or snapshot
+                snapshot = await self._read_state(self.store.load(resume)) or snapshot
             config = SessionConfig.from_dict(snapshot.config)
-            try:
-                replay = [event_from_dict(e) for e in await self.store.results_after(resume, last_seq)]
-            except Exception as e:
-                raise StateUnavailableError("session state cannot be read right now; retry the resume later") from e
+            replay = [event_from_dict(e) for e in await self._read_state(self.store.results_after(resume, last_seq))]
         sid = resume or uuid.uuid4().hex
         live = LiveSession(self, self._new_session(sid, config, snapshot, owner), replay)
         self.sessions[sid] = live

@@ -31,7 +31,7 @@ from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEn
 from .proto import speech_pb2 as pb
 from .proto import speech_pb2_grpc
 from .session import SessionConfig
-from .status import RETRY_AFTER_S, RETRY_CODES, grpc_status
+from .status import RETRY_AFTER_S, RETRY_CODES, IdleTimeoutError, ProtocolError, grpc_status, with_hint
 from .vad import VadOptions
 
 __all__ = ["SpeechServicer", "audio_format", "session_config", "to_response", "serve"]
@@ -40,14 +40,6 @@ log = logging.getLogger("streaming.grpc")
 
 _ENCODINGS = {pb.RecognitionConfig.ENCODING_UNSPECIFIED: "pcm16", pb.RecognitionConfig.LINEAR16: "pcm16",
               pb.RecognitionConfig.FLOAT32: "float32"}  # fmt: skip
-
-
-class ProtocolError(OsumError):
-    code = "protocol_error"
-
-
-class IdleTimeoutError(OsumError):
-    code = "idle_timeout"
 
 
 def audio_format(c: pb.RecognitionConfig) -> AudioFormat:
@@ -196,11 +188,9 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
 
 async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
     if isinstance(e, OsumError):
-        details = str(e)
         if e.code in RETRY_CODES:
-            details += f" (retry after {RETRY_AFTER_S} s)"
             context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
-        await context.abort(grpc_status(e.code), details)
+        await context.abort(grpc_status(e.code), with_hint(e.code, str(e)))
     log.error("internal error", exc_info=e)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 

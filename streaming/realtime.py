@@ -42,7 +42,7 @@ from dataclasses import replace
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.exceptions import ConnectionClosed
 
 from osum.errors import InvalidConfigError, OsumError
 
@@ -59,10 +59,6 @@ __all__ = ["serve_realtime", "config_from_session"]
 log = logging.getLogger("streaming.realtime")
 DEFAULT_RATE = 24000  # OpenAI's pcm16
 MANUAL_SILENCE_MS = 10000  # turn_detection null: commits end turns
-
-
-class _ClientError(OsumError):
-    code = "invalid_request_error"
 
 
 def config_from_session(session: dict[str, Any], base: SessionConfig) -> SessionConfig:
@@ -157,15 +153,9 @@ class _Connection:
         return self.session
 
     async def _read(self) -> None:
-        while True:
-            try:
-                frame = await asyncio.wait_for(self.ws.recv(), self.idle)
-            except TimeoutError:
-                from .ws_server import IdleTimeoutError
+        from .ws_server import recv_frame  # ws_server routes here: imported late, as it imports us late
 
-                raise IdleTimeoutError(f"nothing received for {self.idle:g} s") from None
-            except ConnectionClosedOK:
-                return
+        while (frame := await recv_frame(self.ws, self.idle)) is not None:
             if isinstance(frame, bytes):
                 await self.error("invalid_event", "binary frames are not part of this protocol; use input_audio_buffer.append")
                 continue
@@ -255,11 +245,6 @@ class _Connection:
 
 
 async def serve_realtime(engine: Engine, ws: ServerConnection, who: Principal, idle_timeout_s: float) -> None:
-    """Serve one ``/v1/realtime`` connection until it closes."""
-    try:
-        await _Connection(engine, ws, who, idle_timeout_s).run()
-    except OsumError as e:  # refused at open (capacity, limits)
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send(json.dumps({"type": "error", "error": {"type": "server_error", "code": e.code,
-                                                                  "message": with_hint(e.code, str(e))}}))  # fmt: skip
-            await ws.close(ws_close_code(e.code), str(e)[:120])
+    """Serve one ``/v1/realtime`` connection until it closes (refusals, at the first audio,
+    are answered by :meth:`_Connection.run` like any other error)."""
+    await _Connection(engine, ws, who, idle_timeout_s).run()

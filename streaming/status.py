@@ -9,7 +9,21 @@ from __future__ import annotations
 
 import grpc
 
-__all__ = ["grpc_status", "ws_close_code", "RETRY_AFTER_S", "RETRY_CODES", "with_hint"]
+from osum.errors import OsumError
+
+__all__ = ["grpc_status", "ws_close_code", "RETRY_AFTER_S", "RETRY_CODES", "with_hint", "ProtocolError", "IdleTimeoutError"]
+
+class ProtocolError(OsumError):
+    """A client broke the wire protocol (either server): malformed or out-of-order messages."""
+
+    code = "protocol_error"
+
+
+class IdleTimeoutError(OsumError):
+    """A client sent nothing for the server's idle timeout (either server)."""
+
+    code = "idle_timeout"
+
 
 RETRY_AFTER_S = 5  # hint sent with over-capacity and limit refusals
 RETRY_CODES = frozenset({"over_capacity", "limit_exceeded", "state_unavailable"})

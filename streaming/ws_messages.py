@@ -24,11 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from osum.errors import InvalidConfigError, OsumError
+from osum.errors import InvalidConfigError
 
 from .audio import AudioFormat
 from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
 from .session import SessionConfig
+from .status import ProtocolError
 from .vad import VadOptions
 
 __all__ = ["ProtocolError", "ClientMessage", "parse_client_text", "config_from_params", "event_message", "KNOWN_PARAMS"]
@@ -39,10 +40,6 @@ KNOWN_PARAMS = frozenset({
     "min_speech_ms", "max_utterance_s", "vad_threshold", "resume", "last_seq", "token",
 })  # fmt: skip
 _ENCODINGS = {"linear16": "pcm16", "pcm16": "pcm16", "float32": "float32"}
-
-
-class ProtocolError(OsumError):
-    code = "protocol_error"
 
 
 @dataclass(frozen=True)

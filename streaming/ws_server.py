@@ -35,17 +35,25 @@ from osum.errors import OsumError
 from .auth import ANONYMOUS, Authenticator, Principal, UnauthenticatedError, credential_from
 from .engine import Engine, LiveSession
 from .session import SessionConfig
-from .status import with_hint, ws_close_code
+from .status import IdleTimeoutError, with_hint, ws_close_code
 from .ws_messages import ProtocolError, config_from_params, event_message, parse_client_text
 
-__all__ = ["ListenHandler", "serve_ws", "MAX_FRAME_BYTES", "IdleTimeoutError"]
+__all__ = ["ListenHandler", "serve_ws", "recv_frame", "MAX_FRAME_BYTES"]
 
 log = logging.getLogger("streaming.ws")
 MAX_FRAME_BYTES = 1 << 20
 
 
-class IdleTimeoutError(OsumError):
-    code = "idle_timeout"
+async def recv_frame(ws: ServerConnection, idle_timeout_s: float, hint: str = "") -> str | bytes | None:
+    """The client's next frame; None when it closed normally. Raises IdleTimeoutError after
+    ``idle_timeout_s`` of silence, ConnectionClosed when the connection dropped."""
+    try:
+        async with asyncio.timeout(idle_timeout_s):  # no task per frame, unlike wait_for
+            return await ws.recv()
+    except TimeoutError:
+        raise IdleTimeoutError(f"nothing received for {idle_timeout_s:g} s{hint}") from None
+    except ConnectionClosedOK:
+        return None
 
 
 def principal(ws: ServerConnection) -> Principal:
@@ -125,14 +133,7 @@ class ListenHandler:
         return await self.engine.open_session(config_from_params(params), resume, last_seq, owner)
 
     async def _read(self, ws: ServerConnection, session: LiveSession) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout_s):  # no task per frame, unlike wait_for
-                    frame = await ws.recv()
-            except TimeoutError:
-                raise IdleTimeoutError(f"nothing received for {self.idle_timeout_s:g} s (send KeepAlive while paused)") from None
-            except ConnectionClosedOK:
-                break
+        while (frame := await recv_frame(ws, self.idle_timeout_s, " (send KeepAlive while paused)")) is not None:
             if isinstance(frame, bytes):
                 await session.send(frame)
                 continue

@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
