@@ -25,7 +25,7 @@ from osum.errors import OsumError
 from .audio import SAMPLE_RATE, AudioIntake
 from .engine import Engine, EngineOptions
 from .events import Analysis, Event, Final, Label, Partial, SpeechEnded, SpeechStarted
-from .session import EventLog, SessionConfig, Snapshot, State
+from .session import SessionBase, SessionConfig, Snapshot, State
 from .store import SessionStore
 
 __all__ = ["NullEngine", "NullSession"]
@@ -34,7 +34,7 @@ FRAME = 320  # 20 ms at 16 kHz
 _THRESHOLD = 10 ** (-40 / 20)  # -40 dBFS
 
 
-class NullSession(EventLog):
+class NullSession(SessionBase):
     """The sans-I/O surface of :class:`~streaming.session.Session`, with no model behind it."""
 
     def __init__(self, session_id: str, config: SessionConfig, snapshot: Snapshot | None = None,
@@ -57,15 +57,7 @@ class NullSession(EventLog):
 
     # ---- input ------------------------------------------------------------------------
 
-    def feed(self, data: bytes | np.ndarray) -> None:
-        if self.state is not State.OPEN:
-            self._error("session_ending", "audio after the end of stream was ignored")
-            return
-        try:
-            x = self.intake.push(data)
-        except OsumError as e:
-            self._error(e.code, str(e))
-            return
+    def _consume(self, x: np.ndarray) -> None:
         x = np.concatenate([self._spare, x])
         n = x.size // FRAME
         self._spare = x[n * FRAME :]

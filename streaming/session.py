@@ -34,7 +34,7 @@ from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEn
 from .vad import Endpointer, VadEvent, VadOptions
 from .work import TAG_TASKS, AnalysisRequest, AnalysisResult, FinalRequest, FinalResult, PartialRequest, PartialResult
 
-__all__ = ["SessionConfig", "Session", "EventLog", "State", "Snapshot"]
+__all__ = ["SessionConfig", "Session", "SessionBase", "State", "Snapshot"]
 
 log = logging.getLogger("streaming.session")
 
@@ -121,13 +121,33 @@ class _Utterance:
     stage: str = "partial"  # partial -> final -> analysis -> done
 
 
-class EventLog:
-    """Numbered events for a session (``id``, ``seq``, ``_base``, ``_events`` set by the subclass)."""
+class SessionBase:
+    """What :class:`Session` and the null engine's session share: the checked audio intake and
+    numbered events (``id``, ``seq``, ``state``, ``intake``, ``_base``, ``_events`` are set by the
+    subclass, which turns decoded audio into events in ``_consume``)."""
 
     id: str
     seq: int
+    state: State
+    intake: AudioIntake
     _base: int
     _events: list[Event]
+
+    def feed(self, data: bytes | np.ndarray) -> None:
+        """Audio from the client. A bad chunk becomes an Error event; the session goes on."""
+        if self.state is not State.OPEN:
+            self._error("session_ending", "audio after the end of stream was ignored")
+            return
+        try:
+            x = self.intake.push(data)
+        except OsumError as e:
+            self._error(e.code, str(e))
+            return
+        self._consume(x)
+
+    def _consume(self, x: np.ndarray) -> None:
+        """Decoded 16 kHz audio (float32) -> state changes and events."""
+        raise NotImplementedError
 
     def _t(self, sample: int) -> float:
         return round((self._base + sample) / SAMPLE_RATE, 3)
@@ -152,7 +172,7 @@ class EventLog:
         return out
 
 
-class Session(EventLog):
+class Session(SessionBase):
     """The state machine of one stream. Not thread-safe: drive it from one task."""
 
     def __init__(self, session_id: str, config: SessionConfig, model: Any, snapshot: Snapshot | None = None,
@@ -178,18 +198,6 @@ class Session(EventLog):
         self._preroll = self.vad._pad + 2 * 512  # a start lies up to pad + one frame before the frame that fired
 
     # ---- input ------------------------------------------------------------------------
-
-    def feed(self, data: bytes | np.ndarray) -> None:
-        """Audio from the client. A bad chunk becomes an Error event; the session goes on."""
-        if self.state is not State.OPEN:
-            self._error("session_ending", "audio after the end of stream was ignored")
-            return
-        try:
-            x = self.intake.push(data)
-        except OsumError as e:
-            self._error(e.code, str(e))
-            return
-        self._consume(x)
 
     def finalize(self) -> None:
         """Client Finalize: end the open utterance now (at the last sample received)."""
