@@ -10,7 +10,6 @@ beams, top-k 5, top-p 0.9, repetition penalty 1.05), seeded.
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from dataclasses import dataclass, field
 
 import torch
