@@ -266,8 +266,13 @@ def test_redis_outage_and_restart_mid_session(tiny_model, male_clip, tmp_path: P
             await r.shutdown(nosave=True)  # Redis goes away mid-call
         await r.aclose()
         await s.send(utt)
-        while len(s.session.finals) < 2:
-            await asyncio.sleep(0.05)
+
+        async def outage_noticed() -> None:  # utterance 1 final, and its store commit failed
+            # (not just the final: the commit may still be retrying when Redis comes back below)
+            while len(s.session.finals) < 2 or not s._store_down:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(outage_noticed(), 60)
         assert not await store.ping()
         with pytest.raises(StateUnavailableError):
             await engine.open_session(CFG, resume=s.resume_token)
