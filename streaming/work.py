@@ -12,7 +12,8 @@ back. Three kinds, by priority:
 * :class:`PartialRequest`: new mel frames through the chunked encoder (the session's
   cache in, the new cache out), then the hypothesis: the committed tokens are forced, the
   previous unstable tail is the draft, verified in one forward pass; decoding continues
-  only from the first token the model disagrees with.
+  only from the first token the model disagrees with. The LLM work of all the batch's
+  sessions runs together (one verifying pass, then shared greedy steps).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .events import UNSUPPORTED, Label
 
 __all__ = [
     "PartialRequest", "PartialResult", "FinalRequest", "FinalResult", "AnalysisRequest", "AnalysisResult",
-    "run_partials", "run_finals", "run_analyses", "TAG_TASKS",
+    "run_partials", "run_finals", "run_analyses", "verify_and_decode", "verify_and_decode_batch", "TAG_TASKS",
 ]  # fmt: skip
 
 # analysis kind -> the OSUM task whose prompt asks for it
@@ -189,16 +190,83 @@ def _replies(model: OsumModel, reqs: list[AnalysisRequest], results: list[Analys
 
 @torch.inference_mode()
 def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialResult]:
-    return [_partial(model, r) for r in reqs]
+    """Each session's new chunk through the chunked encoder (its own cache: one call per
+    session, the encoder is small), then all sessions' hypotheses in one batched LLM pass."""
+    chunks = []
+    for r in reqs:
+        new, cache = model.encode_chunk(r.mel[None], r.cache, final=r.final_chunk)
+        chunks.append((torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0], cache))
+    out = [PartialResult(cache, speech, list(r.committed), 0) for r, (speech, cache) in zip(reqs, chunks)]
+    rows = [b for b, (speech, _) in enumerate(chunks) if speech.shape[0] > 0]  # no speech frames yet: nothing to decode
+    if rows:
+        decoded = verify_and_decode_batch(model, [chunks[b][0] for b in rows], [reqs[b].committed for b in rows],
+                                          [reqs[b].draft for b in rows], [reqs[b].max_new_tokens for b in rows])  # fmt: skip
+        for b, (tokens, _, verified) in zip(rows, decoded):
+            out[b].tokens, out[b].verified = tokens, verified
+    return out
 
 
-def _partial(model: OsumModel, r: PartialRequest) -> PartialResult:
-    new, cache = model.encode_chunk(r.mel[None], r.cache, final=r.final_chunk)
-    speech = torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0]
-    if speech.shape[0] == 0:
-        return PartialResult(cache, speech, list(r.committed), 0)
-    tokens, _, verified = verify_and_decode(model, speech, r.committed, r.draft, r.max_new_tokens)
-    return PartialResult(cache, speech, tokens, verified)
+def verify_and_decode_batch(
+    model: OsumModel, speech: list[torch.Tensor], forced: list[list[int]], draft: list[list[int]], max_tokens: list[int]
+) -> list[tuple[list[int], list[float], int]]:
+    """:func:`verify_and_decode` for many utterances at once: one verifying forward pass over
+    all rows, then greedy steps of all rows together until each stops.
+
+    A row whose draft is cut keeps the rejected positions in the shared cache, masked out of
+    attention (rows cannot be cropped separately); its new tokens take the positions after
+    its accepted prefix. Padding changes the arithmetic slightly, so a batched row can differ
+    from the single-row result where two tokens are within rounding of each other: fine for
+    partials, which is why finals use the single-row form.
+    """
+    B = len(speech)
+    if B == 1:
+        return [verify_and_decode(model, speech[0], forced[0], draft[0], max_tokens[0])]
+    eos, dev = model.cfg.eos_token_id, model.device
+    prefixes = [f + d for f, d in zip(forced, draft)]
+    batch, lengths = _stack(speech)
+    inputs = model.splice([_prompt(model, "asr")] * B, batch, lengths, prefixes)
+    P = max(len(p) for p in prefixes)
+    kv = _new_cache(model.llm)
+    out = model.llm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                    cache=kv, use_cache=True, logits_to_keep=P + 1)  # fmt: skip
+    logp = out.logits.float().log_softmax(-1)  # (B, P + 1, V): window index j is position S - P - 1 + j
+    pred = logp.argmax(-1).tolist()
+    S = inputs.embeds.shape[1]
+    mask = inputs.attention_mask.clone()
+    pos = inputs.position_ids[:, -1:].clone()
+    results: list[tuple[list[int], list[float], int]] = []
+    nxt, nxt_lp = [], []
+    for b in range(B):
+        base = P - len(prefixes[b])  # window index predicting the row's first prefix token
+        tokens, lps = list(forced[b]), [float(logp[b, base + i, t]) for i, t in enumerate(forced[b])]
+        verified = 0
+        for k, t in enumerate(draft[b]):
+            if pred[b][base + len(forced[b]) + k] != t or len(tokens) >= max_tokens[b]:
+                break
+            tokens.append(t)
+            lps.append(float(logp[b, base + len(forced[b]) + k, t]))
+            verified += 1
+        drop = len(prefixes[b]) - len(tokens)
+        if drop:
+            mask[b, S - drop :] = 0  # the rejected draft: masked, not cropped
+            pos[b] -= drop
+        j = base + len(tokens)
+        nxt.append(pred[b][j])
+        nxt_lp.append(float(logp[b, j].max()))
+        results.append((tokens, lps, verified))
+    live = [len(results[b][0]) < max_tokens[b] and nxt[b] != eos for b in range(B)]
+    while any(live):
+        for b in range(B):
+            if live[b]:
+                results[b][0].append(nxt[b])
+                results[b][1].append(nxt_lp[b])
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        pos = pos + 1
+        step = _step(model.llm, torch.tensor([[t] for t in nxt], device=dev), mask, pos, kv)[:, -1].log_softmax(-1)
+        best = step.max(-1)
+        nxt, nxt_lp = best.indices.tolist(), best.values.tolist()
+        live = [live[b] and len(results[b][0]) < max_tokens[b] and nxt[b] != eos for b in range(B)]
+    return results
 
 
 def verify_and_decode(
@@ -216,10 +284,10 @@ def verify_and_decode(
     prefix = forced + draft
     inputs = model.splice([_prompt(model, "asr")], speech[None], torch.tensor([speech.shape[0]]), [prefix])
     kv = _new_cache(model.llm)
+    # logits at position p predict token p + 1: only the last len(prefix) + 1 positions matter
     out = model.llm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
-                    position_ids=inputs.position_ids, cache=kv, use_cache=True)  # fmt: skip
-    # logits at position p predict token p + 1: the last len(prefix) + 1 positions matter
-    logp = out.logits[0, -len(prefix) - 1 :].float().log_softmax(-1)
+                    position_ids=inputs.position_ids, cache=kv, use_cache=True, logits_to_keep=len(prefix) + 1)  # fmt: skip
+    logp = out.logits[0].float().log_softmax(-1)
     pred = logp.argmax(-1).tolist()
     tokens, lps = list(forced), [float(logp[i, t]) for i, t in enumerate(forced)]
     verified = 0

@@ -174,3 +174,27 @@ def test_chat_reply_and_unsupported_tasks(tiny_model, male_clip) -> None:  # typ
     assert analysis.tags["emotion"].label == UNSUPPORTED and analysis.tags["emotion"].score is None
     assert analysis.tags["chat"].label == UNSUPPORTED and analysis.reply is None
     assert analysis.tags["gender"].label in ("male", "female") and analysis.tags["gender"].score is not None
+
+
+def test_partials_of_many_sessions_decode_as_one_batch(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """Batched partials (one verifying pass, shared greedy steps, rejected drafts masked) give
+    each session the hypothesis it gets alone: different lengths, drafts, forced tokens."""
+    import torch
+
+    from osum.audio import log_mel
+
+    mel = log_mel(male_clip)
+    empty = torch.zeros(0, tiny_model.cfg.llm_dim)
+
+    def req(frames: int, committed: list[int], draft: list[int], n: int) -> PartialRequest:
+        return PartialRequest(mel[:, :frames], tiny_model.init_stream(frames // 10), empty, committed, draft, max_new_tokens=n)
+
+    alone = run_partials(tiny_model, [req(240, [], [], 8)])[0].tokens
+    wrong = alone[:3] + [(alone[3] + 1) % 1000] + alone[4:]
+    reqs = [req(240, [], alone, 8), req(240, [], wrong, 8), req(160, [], [], 6), req(240, wrong[:4], [], 10), req(80, [], [], 5)]
+    single = [run_partials(tiny_model, [r])[0] for r in reqs]
+    batched = run_partials(tiny_model, reqs)
+    assert [r.tokens for r in batched] == [r.tokens for r in single]
+    assert [r.verified for r in batched] == [r.verified for r in single] == [8, 3, 0, 0, 0]
+    assert [len(r.tokens) for r in batched] == [8, 8, 6, 10, 5]
+    assert all(torch.equal(a.speech, b.speech) for a, b in zip(batched, single))
