@@ -109,11 +109,19 @@ def memory_per_session(model: object) -> float:
     return cache.nbytes() + 30 * 16000 * 4 + 3000 * 80 * 4  # + the utterance audio and its log-mel
 
 
-def load(name: str):  # type: ignore[no-untyped-def]
+def load(name: str, overlay: Path | None = None, quantize: str = "none"):  # type: ignore[no-untyped-def]
+    model = _load(name, overlay)
+    return model.quantize_llm() if quantize == "int8" else model
+
+
+def _load(name: str, overlay: Path | None = None):  # type: ignore[no-untyped-def]
     """A model by name; ``osum-mini-random`` is the prepared osum-mini base with a random adapter
-    (same sizes and cost as the trained model; for timing only)."""
+    (same sizes and cost as the trained model; for timing only); ``overlay`` puts trained
+    weights (e.g. a training run's ``best.safetensors``) on the osum-mini base."""
     from osum.loading import cache_dir, load_base_with_overlay, load_model
 
+    if overlay is not None:
+        return load_base_with_overlay(cache_dir() / "osum-mini", overlay)
     if name != "osum-mini-random":
         return load_model(name)
     import tempfile
@@ -150,13 +158,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="audio per stream")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tasks", default="emotion,style,events")
+    ap.add_argument("--overlay", type=Path, help="trained osum-mini weights on the prepared base (overrides --model)")
+    ap.add_argument("--eager-final-ms", type=int, default=SessionConfig.eager_final_ms, help="0: eager finals off")
+    ap.add_argument("--partial-step-ms", type=int, default=SessionConfig.partial_step_ms)
+    ap.add_argument("--quantize", choices=("none", "int8"), default="none")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = load(args.model)
+    model = load(args.model, args.overlay, args.quantize)
     pool = clips()
-    cfg = SessionConfig(tasks=tuple(t for t in args.tasks.split(",") if t))
-    print(f"model {args.model}; {args.threads} threads; partial step {cfg.partial_step_ms} ms; "
-          f"endpoint silence {cfg.vad.min_silence_ms} ms; {args.seconds:.0f} s of audio per stream")  # fmt: skip
+    cfg = SessionConfig(tasks=tuple(t for t in args.tasks.split(",") if t), eager_final_ms=args.eager_final_ms,
+                        partial_step_ms=args.partial_step_ms)  # fmt: skip
+    name = (f"osum-mini + {args.overlay}" if args.overlay else args.model) + (" (LLM int8)" if args.quantize == "int8" else "")
+    print(f"model {name}; {args.threads} threads; partial step {cfg.partial_step_ms} ms; endpoint silence "
+          f"{cfg.vad.min_silence_ms} ms; eager final after {cfg.eager_after_ms} ms; {args.seconds:.0f} s of audio per stream")  # fmt: skip
     print(f"{'streams':>7} {'utts':>5} | {'first partial P50/P95 ms':>25} | {'final P50/P95 ms':>17} | {'analysis P50/P95 ms':>20} | {'CPU/audio':>9}")
     for n in (int(x) for x in args.streams.split(",")):
         rng = random.Random(n)

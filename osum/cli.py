@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--task", default="asr", help="asr, srwt, ved, ser, ssr, sgc, sap, sttc or a combined task (see `osum tasks`)")
     t.add_argument("--model", default="osum-mini", help="tiny, osum-mini, osum, a model directory, or an infer.pt path")
     t.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    t.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: the LLM's linear layers in int8 (CPU)")
     t.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     t.add_argument("--osum-decoding", action="store_true", help="OSUM's released beam-sampling settings (seeded)")
     t.add_argument("--max-new-tokens", type=int, default=400)
@@ -56,7 +57,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     else:
         options = DecodingOptions(beam_size=args.beam, max_new_tokens=args.max_new_tokens)
     t0 = time.perf_counter()
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.quantize)
     logging.getLogger("osum").info("loaded %s in %.1f s", model.cfg.name, time.perf_counter() - t0)
     status = 0
     for f in args.files:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import PRESETS, QWEN2_7B, AdapterConfig, EncoderConfig, OsumConfig
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError, InvalidConfigError, ModelNotFoundError
 from .model import OsumModel
 
 __all__ = [
@@ -118,13 +118,28 @@ def create_tiny_model(path: str | Path, seed: int = 0) -> Path:
     return save_model(model, path)
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> OsumModel:
+QUANTIZE = ("none", "int8")
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", quantize: str = "none") -> OsumModel:
     """Load a model by name (``tiny``, ``osum-mini``, ``osum``), directory, or ``infer.pt`` path.
+
+    ``quantize="int8"``: the LLM's linear layers in int8 (CPU; see :meth:`OsumModel.quantize_llm`).
 
     Raises:
         ModelNotFoundError: nothing there, or not prepared yet.
         CheckpointError: the weights do not fit the model.
+        InvalidConfigError: an unknown ``quantize``, or int8 asked for on CUDA.
     """
+    if quantize not in QUANTIZE:
+        raise InvalidConfigError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if quantize == "int8" and torch.device(device).type != "cpu":
+        raise InvalidConfigError("int8 quantisation is for CPU; on CUDA the LLM runs in bf16")
+    model = _load(name_or_path, device)
+    return model.quantize_llm() if quantize == "int8" else model
+
+
+def _load(name_or_path: str | Path, device: str | torch.device) -> OsumModel:
     name = str(name_or_path)
     path = Path(name)
     if name == "tiny":

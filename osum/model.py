@@ -66,6 +66,7 @@ class OsumModel(nn.Module):
         self.speech_token_emded = nn.Embedding(cfg.speech_token_num + 2, cfg.llm_dim)
         self.llm = llm if llm is not None else build_llm(cfg)
         self.tokenizer: Any = None  # set by osum.loading
+        self.quantized: str | None = None  # "int8" after quantize_llm()
 
     # ---- devices and dtypes ----------------------------------------------------------
 
@@ -87,6 +88,25 @@ class OsumModel(nn.Module):
         cpu_dtype = getattr(torch, self.cfg.cpu_llm_dtype)
         self.llm.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else cpu_dtype)
         return self.eval()
+
+    def quantize_llm(self) -> OsumModel:
+        """int8 weights for the LLM's linear layers (PyTorch's dynamic quantisation: weights
+        int8 per tensor, activations quantised per call). CPU only. Decoding is memory-bound
+        on CPU, so this is ~3x faster per step and ~4x smaller for those layers (osum-mini,
+        2 cores: 130 -> 40 ms a step; docs/osum-mini.md). The embedding table stays as is.
+        Results can differ slightly from the unquantised model: measure before relying on it.
+        """
+        if self.device.type != "cpu":
+            raise InvalidConfigError("int8 quantisation is for CPU; on CUDA the LLM runs in bf16")
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated for torchao, still supported
+            warnings.simplefilter("ignore")
+            quantize_dynamic(self.llm, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        self.quantized = "int8"
+        return self
 
     # ---- speech -> LLM embeddings ----------------------------------------------------
 

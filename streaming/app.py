@@ -150,7 +150,7 @@ async def run(args: argparse.Namespace) -> int:
     model = None
     if args.engine == "model":
         t0 = time.perf_counter()
-        model = await asyncio.to_thread(load_model, args.model, args.device)
+        model = await asyncio.to_thread(load_model, args.model, args.device, args.quantize)
         log.info("model %s loaded in %.1f s", model.cfg.name, time.perf_counter() - t0)
     else:
         log.warning("null engine: no model; events are placeholders (for measuring the service's overhead)")
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="osum-serve", description="osum-live streaming service (gRPC + WebSocket)")
     ap.add_argument("--model", default=os.environ.get("OSUM_MODEL", "osum-mini"))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quantize", choices=("none", "int8"), default=os.environ.get("OSUM_QUANTIZE", "none"),
+                    help="int8: the LLM's linear layers in int8 (CPU; ~3x faster decoding, less memory)")
     ap.add_argument("--engine", choices=("model", "null"), default="model",
                     help="null: no model, placeholder events (load tests of the service itself)")
     ap.add_argument("--host", default="127.0.0.1")

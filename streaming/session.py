@@ -51,6 +51,11 @@ class SessionConfig:
     tasks: tuple[str, ...] = ("emotion", "style", "events")  # analysis after each Final
     chat: bool = False  # voice chat: the model's reply to each utterance (STTC) in its Analysis
     max_partial_tokens: int = 80
+    # eager finals: after this much trailing silence, start the utterance's final pass on the
+    # audio the endpoint will keep if the silence lasts; the Final is then ready (or nearly)
+    # when the endpoint fires at vad.min_silence_ms. Wasted if speech resumes. 0: off; no
+    # effect unless below min_silence_ms; raised to speech_pad_ms (the end needs that audio).
+    eager_final_ms: int = 200
 
     def __post_init__(self) -> None:
         if self.partial_step_ms < 80 or self.partial_step_ms % 80:
@@ -60,6 +65,14 @@ class SessionConfig:
             raise InvalidConfigError(f"unknown analysis task(s) {unknown}; known: {', '.join(TAG_TASKS)}")
         if not 1 <= self.max_partial_tokens <= 400:
             raise InvalidConfigError("max_partial_tokens must be in [1, 400]")
+        if self.eager_final_ms < 0:
+            raise InvalidConfigError(f"eager_final_ms must be >= 0 (0: off), got {self.eager_final_ms}")
+
+    @property
+    def eager_after_ms(self) -> int | None:
+        """Trailing silence after which a final pass starts early; None when eager finals are off."""
+        ms = max(self.eager_final_ms, self.vad.speech_pad_ms)
+        return ms if self.eager_final_ms and ms < self.vad.min_silence_ms else None
 
     @property
     def chunk_frames(self) -> int:
@@ -119,6 +132,8 @@ class _Utterance:
     final_ids: list[int] = field(default_factory=list)
     final_speech: torch.Tensor | None = None
     stage: str = "partial"  # partial -> final -> analysis -> done
+    eager_end: int | None = None  # the end an eager final pass was last asked for
+    eager: FinalResult | None = None  # its result, used if the utterance does end there
 
 
 class SessionBase:
@@ -248,6 +263,9 @@ class Session(SessionBase):
                 self._utts.remove(u)  # nothing to transcribe: a click or a breath
             else:
                 u.stage = "final"
+                if u.eager is not None and u.eager_end == end:  # computed early on this very audio
+                    self._apply_final(u, u.eager)
+                u.eager = None
         self._feed_utterances()
 
     def _slice(self, start: int, end: int) -> np.ndarray:
@@ -290,12 +308,23 @@ class Session(SessionBase):
             assert u.final_speech is not None
             req = AnalysisRequest(u.final_speech, u.final_ids, tuple(self.config.tasks), chat=self.config.chat,
                                   utterance_id=u.id)  # fmt: skip
+        elif u.stage == "partial" and allow_partial and (end := self._eager_end(u)) is not None:
+            u.eager_end, u.eager = end, None
+            req = FinalRequest(self._slice(u.start, end), draft=list(u.last_hyp))
         elif (u.stage == "partial" and allow_partial and self.config.interim_results
               and u.since_partial >= self.config.partial_step_ms * 16):  # fmt: skip
             req = self._partial_request(u)
         if req is not None:
             self._in_flight = True
         return req
+
+    def _eager_end(self, u: _Utterance) -> int | None:
+        """The open utterance's likely end, if an eager final pass should start for it now."""
+        after = self.config.eager_after_ms
+        if after is None or u is not self._open():
+            return None
+        end = self.vad.tentative_end(after)
+        return end if end is not None and end != u.eager_end and end - u.start >= 1600 else None
 
     def _partial_request(self, u: _Utterance) -> PartialRequest:
         raw = torch.cat(u.pending, dim=1) if u.pending else torch.zeros(N_MELS, 0)
@@ -315,7 +344,12 @@ class Session(SessionBase):
         if isinstance(result, PartialResult):
             self._apply_partial(u, result)
         elif isinstance(result, FinalResult):
-            self._apply_final(u, result)
+            end = u.start + req.audio.size
+            if u.end is None:  # an eager pass; the utterance is still open
+                u.eager = result if end == u.eager_end else None
+            elif end == u.end and u.stage == "final":
+                self._apply_final(u, result)
+            # else: an eager pass for an end that did not happen; next_work asks for the real one
         elif isinstance(result, AnalysisResult):
             self._reply_sent.pop(u.id, None)
             self._emit(Analysis, utterance_id=u.id, tags=result.tags, reply=result.reply)
@@ -325,8 +359,10 @@ class Session(SessionBase):
     def fail(self, req: Any, error: OsumError) -> None:
         """The request could not be run (over capacity, model error): report and move on."""
         self._in_flight = False
-        self._error(error.code, str(error))
         u = self._utts[0]
+        if isinstance(req, FinalRequest) and u.start + req.audio.size != u.end:
+            return  # an eager pass: nothing is lost, the real final pass follows and reports for itself
+        self._error(error.code, str(error))
         if isinstance(req, (FinalRequest, AnalysisRequest)):
             self._done(u)  # nothing more can be said of this utterance
         self._maybe_close()

@@ -162,6 +162,22 @@ class Endpointer:
         self.start, self._probs = cut, tail
         return events + [VadEvent("start", cut)]
 
+    def tentative_end(self, after_ms: int) -> int | None:
+        """Where the open utterance will end if the silence that began at least ``after_ms``
+        ago lasts to ``min_silence_ms`` (the end a ``silence`` event would then carry), or None.
+
+        Lets the caller start an utterance's final pass early ("eager" finals): the audio up
+        to that end is already here, and it is exactly what the end event will delimit.
+        """
+        if self.start is None or self._silence_since is None:
+            return None
+        end = self._silence_since + self._pad
+        if self.samples - self._silence_since < after_ms * (_RATE // 1000) or end > self.samples:
+            return None
+        if end - self.start < self._min_speech + self._pad:
+            return None  # would be dropped as too short
+        return end
+
     def force_end(self, reason: str = "finalize") -> list[VadEvent]:
         """End the open utterance now (client Finalize). Pending sub-frame samples count too."""
         if self.start is None:

@@ -198,3 +198,60 @@ def test_partials_of_many_sessions_decode_as_one_batch(tiny_model, male_clip) ->
     assert [r.verified for r in batched] == [r.verified for r in single] == [8, 3, 0, 0, 0]
     assert [len(r.tokens) for r in batched] == [8, 8, 6, 10, 5]
     assert all(torch.equal(a.speech, b.speech) for a, b in zip(batched, single))
+
+
+def _run_counting(s: Session, model, audio: np.ndarray) -> tuple[list, list]:  # type: ignore[no-untyped-def]
+    """Stream in 100 ms chunks; returns events and, per model request, (kind, events drained after it)."""
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    events, ran = [], []
+    for i in range(0, len(pcm), 3200):
+        s.feed(pcm[i : i + 3200])
+        while (req := s.next_work()) is not None:
+            ran.append((type(req).__name__, req.audio.size if isinstance(req, FinalRequest) else 0))
+            if isinstance(req, PartialRequest):
+                s.apply(req, run_partials(model, [req])[0])
+            elif isinstance(req, FinalRequest):
+                s.apply(req, run_finals(model, [req], max_new_tokens=FINAL_TOKENS)[0])
+            else:
+                s.apply(req, run_analyses(model, [req])[0])
+        events += s.drain()
+    return events, ran
+
+
+def test_eager_final_is_ready_when_the_endpoint_fires(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """The final pass starts after 200 ms of silence on the audio the endpoint will keep, so the
+    Final comes with SpeechEnded, with no model work left; it still equals offline recognition."""
+    x = np.concatenate([SIL, male_clip, SIL])
+    pcm_x = (np.clip(x, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768.0
+    s = Session("s", SessionConfig(max_partial_tokens=4, tasks=()), tiny_model)
+    events, ran = _run_counting(s, tiny_model, x)
+    finals = [e for e in events if isinstance(e, Final)]
+    assert len(finals) == 1 and [k for k, _ in ran].count("FinalRequest") == 1  # one final pass, done early
+    ended = next(i for i, e in enumerate(events) if isinstance(e, SpeechEnded))
+    assert isinstance(events[ended + 1], Final)  # in the same drain as the endpoint
+    f = finals[0]
+    offline = recognize(tiny_model, [pcm_x[round(f.start * 16000) : round(f.end * 16000)]], "asr",
+                        DecodingOptions(max_new_tokens=FINAL_TOKENS), score_tags=False)[0]  # fmt: skip
+    assert f.transcript == offline.transcript
+    # off: the final pass runs only after the endpoint
+    s = Session("s", SessionConfig(max_partial_tokens=4, tasks=(), eager_final_ms=0), tiny_model)
+    events_off, _ = _run_counting(s, tiny_model, x)
+    assert [e.transcript for e in events_off if isinstance(e, Final)] == [f.transcript]
+
+
+def test_eager_final_discarded_when_speech_resumes(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """A 400 ms pause starts an eager pass; speech resumes, so it is dropped and the Final covers
+    the whole utterance, equal to offline recognition of it."""
+    x = np.concatenate([SIL, male_clip[:24000], np.zeros(6400, np.float32), male_clip[24000:], SIL])
+    pcm_x = (np.clip(x, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768.0
+    s = Session("s", SessionConfig(max_partial_tokens=4, tasks=()), tiny_model)
+    events, ran = _run_counting(s, tiny_model, x)
+    finals = [e for e in events if isinstance(e, Final)]
+    assert len(finals) == 1
+    passes = [n for k, n in ran if k == "FinalRequest"]
+    assert len(passes) >= 2 and passes[0] < passes[-1]  # the early pass covered only the first part
+    f = finals[0]
+    assert f.start < 2.5 and f.end > 2.9 + 0.5  # one utterance across the pause (2.5 s to 2.9 s)
+    offline = recognize(tiny_model, [pcm_x[round(f.start * 16000) : round(f.end * 16000)]], "asr",
+                        DecodingOptions(max_new_tokens=FINAL_TOKENS), score_tags=False)[0]  # fmt: skip
+    assert f.transcript == offline.transcript

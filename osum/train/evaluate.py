@@ -72,11 +72,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N test prompts")
     ap.add_argument("--per-speaker", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: the LLM's linear layers in int8")
+    ap.add_argument("--no-gender", action="store_true", help="skip the gender measurement")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     rss0 = rss_bytes()
     model = load_base_with_overlay(args.base, args.overlay)
+    if args.quantize == "int8":
+        model.quantize_llm()
     rss_model = rss_bytes()
     tests = [p for p in real_prompts() if is_test(p)]
     tests = tests[: args.limit] if args.limit else tests
@@ -100,7 +104,7 @@ def main() -> None:
     w_ours, w_base = wer(refs, ours), wer(refs, theirs)
 
     per: list[tuple[str, str, int, float]] = []
-    for spk, (gender, files) in gender_sets(args.per_speaker).items():
+    for spk, (gender, files) in ({} if args.no_gender else gender_sets(args.per_speaker)).items():
         hits = 0
         for f in files:
             r = recognize(model, [load_audio(f)], "sgc", DecodingOptions(max_new_tokens=60))[0]
@@ -109,7 +113,8 @@ def main() -> None:
         per.append((spk, gender, len(files), hits / len(files)))
     macro = float(np.mean([p[3] for p in per])) if per else float("nan")
 
-    print(f"osum-mini evaluation: {len(tests)} held-out real prompts ({seconds:.0f} s), overlay {args.overlay}")
+    print(f"osum-mini evaluation: {len(tests)} held-out real prompts ({seconds:.0f} s), overlay {args.overlay}, "
+          f"LLM {'int8' if args.quantize == 'int8' else 'fp32'}")  # fmt: skip
     print(f"{'measure':34} {'osum-mini':>10} {'target':>16}  reference")
     print(f"{'WER, held-out real speech':34} {w_ours:10.1%} {'<= ' + format(1.25 * w_base, '.1%'):>16}  Whisper base {w_base:.1%}")
     print(f"{'gender accuracy, held-out speakers':34} {macro:10.1%} {'>= 95%':>16}  macro over {len(per)} speakers")
