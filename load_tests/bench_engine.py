@@ -111,7 +111,7 @@ def memory_per_session(model: object) -> float:
 
 def load(name: str, overlay: Path | None = None, quantize: str = "none"):  # type: ignore[no-untyped-def]
     model = _load(name, overlay)
-    return model.quantize_llm() if quantize == "int8" else model
+    return model.quantize_llm() if quantize == "int8" else model  # after a float load: timing only, not memory
 
 
 def _load(name: str, overlay: Path | None = None):  # type: ignore[no-untyped-def]

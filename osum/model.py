@@ -78,13 +78,16 @@ class OsumModel(nn.Module):
     def llm_dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 
-    def place(self, device: str | torch.device) -> OsumModel:
+    def place(self, device: str | torch.device, quantize: bool = False) -> OsumModel:
         """Move to ``device``: encoder and adapter in fp32 (as OSUM); the LLM in bf16 on CUDA and in
-        ``cfg.cpu_llm_dtype`` on CPU."""
+        ``cfg.cpu_llm_dtype`` on CPU, or with int8 linear layers (``quantize``, CPU only)."""
         device = torch.device(device)
         for name, child in self.named_children():
             if name != "llm":
                 child.to(device=device, dtype=torch.float32)
+        if quantize:
+            self.llm.to(device=device)
+            return self.quantize_llm().eval()
         cpu_dtype = getattr(torch, self.cfg.cpu_llm_dtype)
         self.llm.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else cpu_dtype)
         return self.eval()
@@ -93,19 +96,28 @@ class OsumModel(nn.Module):
         """int8 weights for the LLM's linear layers (PyTorch's dynamic quantisation: weights
         int8 per tensor, activations quantised per call). CPU only. Decoding is memory-bound
         on CPU, so this is ~3x faster per step and ~4x smaller for those layers (osum-mini,
-        2 cores: 130 -> 40 ms a step; docs/osum-mini.md). The embedding table stays as is.
-        Results can differ slightly from the unquantised model: measure before relying on it.
+        2 cores: 130 -> 40 ms a step; docs/osum-mini.md). The embedding table stays fp32.
+        Layer by layer, so a bf16 LLM never exists in fp32 all at once. Results can differ
+        slightly from the unquantised model: measure before relying on it.
         """
         if self.device.type != "cpu":
             raise InvalidConfigError("int8 quantisation is for CPU; on CUDA the LLM runs in bf16")
+        import gc
         import warnings
 
         from torch.ao.quantization import quantize_dynamic
 
+        llm = self.llm
         with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated for torchao, still supported
             warnings.simplefilter("ignore")
-            quantize_dynamic(self.llm, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            for layer in llm.model.layers:
+                quantize_dynamic(layer.float(), {nn.Linear}, dtype=torch.qint8, inplace=True)
+            for part in (llm.model.embed_tokens, llm.model.norm, llm.model.rotary_emb, llm.lm_head):
+                part.float()
+            quantize_dynamic(llm, {nn.Linear}, dtype=torch.qint8, inplace=True)  # the output layer
         self.quantized = "int8"
+        gc.collect()
+        _malloc_trim()  # hand the freed float weights back to the OS (glibc keeps them otherwise)
         return self
 
     # ---- speech -> LLM embeddings ----------------------------------------------------
@@ -201,3 +213,12 @@ class OsumModel(nn.Module):
             mask[b, S - r.shape[0] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return SplicedInputs(embeds, mask, positions)
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -78,9 +78,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     rss0 = rss_bytes()
-    model = load_base_with_overlay(args.base, args.overlay)
-    if args.quantize == "int8":
-        model.quantize_llm()
+    model = load_base_with_overlay(args.base, args.overlay, quantize=args.quantize == "int8")
     rss_model = rss_bytes()
     tests = [p for p in real_prompts() if is_test(p)]
     tests = tests[: args.limit] if args.limit else tests
