@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--task", default="asr", help="asr, srwt, ved, ser, ssr, sgc, sap, sttc or a combined task (see `osum tasks`)")
     t.add_argument("--model", default="osum-mini", help="tiny, osum-mini, osum, a model directory, or an infer.pt path")
     t.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    t.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: the LLM's linear layers in int8 (CPU)")
+    t.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
+                   help="int8: the LLM's linear layers in int8 (CPU); auto: int8 for osum-mini on CPU, where it was measured")
     t.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     t.add_argument("--osum-decoding", action="store_true", help="OSUM's released beam-sampling settings (seeded)")
     t.add_argument("--max-new-tokens", type=int, default=400)

@@ -118,13 +118,15 @@ def create_tiny_model(path: str | Path, seed: int = 0) -> Path:
     return save_model(model, path)
 
 
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "auto")
 
 
 def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", quantize: str = "none") -> OsumModel:
     """Load a model by name (``tiny``, ``osum-mini``, ``osum``), directory, or ``infer.pt`` path.
 
     ``quantize="int8"``: the LLM's linear layers in int8 (CPU; see :meth:`OsumModel.quantize_llm`).
+    ``"auto"``: int8 where it was measured to cost no accuracy, i.e. osum-mini on CPU
+    (docs/osum-mini.md); otherwise none.
 
     Raises:
         ModelNotFoundError: nothing there, or not prepared yet.
@@ -133,6 +135,8 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", qua
     """
     if quantize not in QUANTIZE:
         raise InvalidConfigError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if quantize == "auto":
+        quantize = "int8" if str(name_or_path) == "osum-mini" and torch.device(device).type == "cpu" else "none"
     if quantize == "int8" and torch.device(device).type != "cpu":
         raise InvalidConfigError("int8 quantisation is for CPU; on CUDA the LLM runs in bf16")
     with _memory_returned():
