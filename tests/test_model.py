@@ -128,3 +128,5 @@ def test_int8_llm_decodes_close_to_fp32(tiny_model) -> None:  # type: ignore[no-
     assert kl < 0.05 * spread
     with pytest.raises(InvalidConfigError):
         load_model("tiny", quantize="int4")
+    assert load_model("tiny", quantize="int8").quantized == "int8"  # at load, layer by layer
+    assert load_model("tiny", quantize="auto").quantized is None  # auto: int8 only where measured (osum-mini)
