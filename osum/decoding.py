@@ -10,7 +10,7 @@ beams, top-k 5, top-p 0.9, repetition penalty 1.05), seeded.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -117,22 +117,29 @@ def _sampling_logprobs(logits: torch.Tensor, opt: DecodingOptions) -> torch.Tens
 
 
 def generate(llm: nn.Module, inputs: SplicedInputs, options: DecodingOptions, eos_id: int,
-             on_step: Callable[[list[Hypothesis]], None] | None = None) -> list[Hypothesis]:  # fmt: skip
+             on_step: Callable[[list[Hypothesis]], None] | None = None,
+             row_limits: list[int | None] | None = None) -> list[Hypothesis]:  # fmt: skip
     """Decode one hypothesis per row of ``inputs``.
 
-    Stops a row at ``eos_id`` or after ``options.max_new_tokens`` tokens. ``on_step`` (greedy and
-    sampling only: a beam's best prefix can still change) sees the hypotheses after every step,
-    for streaming the text as it is written.
+    Stops a row at ``eos_id`` or after ``options.max_new_tokens`` tokens, or its own
+    ``row_limits`` entry when that is smaller (greedy and sampling; beam search takes the
+    largest for all rows). ``on_step`` (greedy and sampling only: a beam's best prefix can
+    still change) sees the hypotheses after every step, for streaming the text as it is written.
     """
+    B = inputs.embeds.shape[0]
+    limits = [min(options.max_new_tokens, r) if r is not None else options.max_new_tokens
+              for r in (row_limits or [None] * B)]  # fmt: skip
+    if len(limits) != B:
+        raise ValueError("one row limit per row")
     if options.beam_size == 1:
-        return _greedy_or_sample(llm, inputs, options, eos_id, on_step)
+        return _greedy_or_sample(llm, inputs, replace(options, max_new_tokens=max(limits)), eos_id, on_step, limits)
     if on_step is not None:
         raise ValueError("on_step needs beam_size 1")
-    return _beam(llm, inputs, options, eos_id)
+    return _beam(llm, inputs, replace(options, max_new_tokens=max(limits)), eos_id)
 
 
 def _greedy_or_sample(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOptions, eos_id: int,
-                      on_step: Callable[[list[Hypothesis]], None] | None = None) -> list[Hypothesis]:  # fmt: skip
+                      on_step: Callable[[list[Hypothesis]], None] | None, limits: list[int]) -> list[Hypothesis]:  # fmt: skip
     B = inputs.embeds.shape[0]
     dev = inputs.embeds.device
     gen = torch.Generator(device=dev).manual_seed(opt.seed) if opt.sample else None
@@ -159,6 +166,8 @@ def _greedy_or_sample(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOption
             else:
                 hyps[b].tokens.append(t)
                 hyps[b].token_logprobs.append(lp)
+                if len(hyps[b].tokens) >= limits[b]:
+                    done[b] = True  # its budget: stopped, not finished
         done |= tok == eos_id
         if on_step is not None:
             on_step(hyps)

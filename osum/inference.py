@@ -97,7 +97,8 @@ def recognize(
     tok = model.tokenizer
     prompt = tok.encode(task.prompt, add_special_tokens=False)
     prompts = [prompt] * len(signals)
-    hyps = generate(model.llm, model.splice(prompts, speech, speech_len), options, model.cfg.eos_token_id)
+    budgets = [task.token_budget(len(s) / SAMPLE_RATE) for s in signals]
+    hyps = generate(model.llm, model.splice(prompts, speech, speech_len), options, model.cfg.eos_token_id, row_limits=budgets)
     parsed = [parse_output(task, tok.decode(h.tokens, skip_special_tokens=False)) for h in hyps]
     if score_tags and task.tags:
         parsed = _score_tags(model, task, prompts, speech, speech_len, parsed)

@@ -65,6 +65,16 @@ class Task:
     chat: bool = False  # STTC
     aliases: tuple[str, ...] = ()
 
+    def token_budget(self, seconds: float) -> int | None:
+        """The most tokens a sane answer to this task has for ``seconds`` of speech, or None
+        (a reply's length does not follow the audio's). A guard against runaway decoding: a
+        model that loops or never writes the end token stops here instead of at
+        max_new_tokens. Generous: speech runs ~3-5 Qwen tokens a second; word timestamps
+        add about three tokens a word; tags a few tokens at the end."""
+        if self.chat:
+            return None
+        return int(seconds * (40 if self.timestamps else 10)) + 16
+
 
 _TASK_LIST = (
     Task("asr", "<TRANSCRIBE>", "执行语音识别任务，将音频转换为文字。", aliases=("transcribe",)),

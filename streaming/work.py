@@ -101,6 +101,11 @@ def _stack(speech: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, torch.tensor([x.shape[0] for x in speech])
 
 
+def _budget(seconds: float, limit: int) -> int:
+    """ASR's token budget for ``seconds`` of speech (as offline recognition uses), within ``limit``."""
+    return min(limit, get_task("asr").token_budget(seconds) or limit)
+
+
 def _prompt(model: OsumModel, task: str) -> list[int]:
     return model.tokenizer.encode(get_task(task).prompt, add_special_tokens=False)
 
@@ -115,11 +120,13 @@ def run_finals(model: OsumModel, reqs: list[FinalRequest], max_new_tokens: int =
         prompt = _prompt(model, "asr")
         sub = speech[plain]
         hyps = generate(model.llm, model.splice([prompt] * len(plain), sub, speech_len[plain]),
-                        DecodingOptions(max_new_tokens=max_new_tokens), model.cfg.eos_token_id)  # fmt: skip
+                        DecodingOptions(max_new_tokens=max_new_tokens), model.cfg.eos_token_id,
+                        row_limits=[_budget(reqs[b].audio.size / 16000, max_new_tokens) for b in plain])  # fmt: skip
         decoded |= {b: (h.tokens, h.token_logprobs) for b, h in zip(plain, hyps)}
     for b, r in enumerate(reqs):  # with a draft: verify it in one pass, decode only past it
         if r.draft:
-            tokens, lps, _ = verify_and_decode(model, speech[b, : int(speech_len[b])], [], r.draft, max_new_tokens)
+            tokens, lps, _ = verify_and_decode(model, speech[b, : int(speech_len[b])], [], r.draft,
+                                               _budget(r.audio.size / 16000, max_new_tokens))  # fmt: skip
             decoded[b] = (tokens, lps)
     out = []
     for b in range(len(reqs)):
@@ -199,8 +206,10 @@ def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialRe
     out = [PartialResult(cache, speech, list(r.committed), 0) for r, (speech, cache) in zip(reqs, chunks)]
     rows = [b for b, (speech, _) in enumerate(chunks) if speech.shape[0] > 0]  # no speech frames yet: nothing to decode
     if rows:
+        # speech frames run at 12.5 Hz (whisper's 50 Hz / 4); committed tokens are never cut
+        limits = [max(len(reqs[b].committed), _budget(chunks[b][0].shape[0] / 12.5, reqs[b].max_new_tokens)) for b in rows]
         decoded = verify_and_decode_batch(model, [chunks[b][0] for b in rows], [reqs[b].committed for b in rows],
-                                          [reqs[b].draft for b in rows], [reqs[b].max_new_tokens for b in rows])  # fmt: skip
+                                          [reqs[b].draft for b in rows], limits)  # fmt: skip
         for b, (tokens, _, verified) in zip(rows, decoded):
             out[b].tokens, out[b].verified = tokens, verified
     return out
