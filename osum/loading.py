@@ -191,7 +191,9 @@ def _load(name_or_path: str | Path, device: str | torch.device, quantize: bool) 
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
     elif name == "osum-mini":
-        return load_base_with_overlay(cache_dir() / "osum-mini", MINI_OVERLAY, device, quantize)
+        # OSUM_MINI_OVERLAY: other trained weights on the same base (e.g. a run's best.safetensors)
+        overlay = Path(os.environ.get("OSUM_MINI_OVERLAY") or MINI_OVERLAY)
+        return load_base_with_overlay(cache_dir() / "osum-mini", overlay, device, quantize)
     elif name == "osum":
         return _load_released_osum(cache_dir() / "osum", device, quantize)
     if path.is_file() and path.suffix == ".pt":
@@ -219,7 +221,7 @@ def load_base_with_overlay(base: Path, overlay: Path, device: str | torch.device
 
     The overlay holds the adapter, projection and boundary embeddings, and LoRA under
     peft's names (merged into the LLM here); ``<overlay>.json`` beside it lists the tasks
-    the model was trained and measured on.
+    the model was trained and measured on (without it: transcription only).
     """
     with _memory_returned():
         return _base_with_overlay(base, overlay, device, quantize)
@@ -234,9 +236,10 @@ def _base_with_overlay(base: Path, overlay: Path, device: str | torch.device, qu
         raise ModelNotFoundError(f"no trained weights for {base.name} at {overlay}")
     cfg = OsumConfig.load(base / "config.json")
     card = overlay.with_suffix(".json")
-    if card.is_file():
-        tasks = json.loads(card.read_text()).get("supported_tasks")
-        cfg = replace(cfg, supported_tasks=tuple(tasks) if tasks is not None else None)
+    tasks = json.loads(card.read_text()).get("supported_tasks") if card.is_file() else ["asr"]
+    # weights without a card (a training run's interim best.safetensors) claim only transcription:
+    # no tag is served that nobody measured
+    cfg = replace(cfg, supported_tasks=tuple(tasks) if tasks is not None else None)
     sd = _read_safetensors(base / "base.safetensors")
     extra = _read_safetensors(overlay)
     lora = {k: v for k, v in extra.items() if ".lora_" in k}
