@@ -263,9 +263,9 @@ class Session(SessionBase):
                 self._utts.remove(u)  # nothing to transcribe: a click or a breath
             else:
                 u.stage = "final"
-                if u.eager is not None and u.eager_end == end:  # computed early on this very audio
-                    self._apply_final(u, u.eager)
-                u.eager = None
+                if u.eager_end != end:
+                    u.eager = None  # computed for an end that did not happen
+                self._use_eager(u)
         self._feed_utterances()
 
     def _slice(self, start: int, end: int) -> np.ndarray:
@@ -318,6 +318,14 @@ class Session(SessionBase):
             self._in_flight = True
         return req
 
+    def _use_eager(self, u: _Utterance) -> None:
+        """At the endpoint, the eager pass's result if it was computed on exactly this audio.
+        Not while a request is in flight: its result belongs to this utterance, which must
+        still be there (it waits until that request is applied)."""
+        if u.stage == "final" and u.eager is not None and u.eager_end == u.end and not self._in_flight:
+            result, u.eager = u.eager, None
+            self._apply_final(u, result)
+
     def _eager_end(self, u: _Utterance) -> int | None:
         """The open utterance's likely end, if an eager final pass should start for it now."""
         after = self.config.eager_after_ms
@@ -354,6 +362,8 @@ class Session(SessionBase):
             self._reply_sent.pop(u.id, None)
             self._emit(Analysis, utterance_id=u.id, tags=result.tags, reply=result.reply)
             self._done(u)
+        if self._utts:
+            self._use_eager(self._utts[0])  # an endpoint that came while this request was running
         self._maybe_close()
 
     def fail(self, req: Any, error: OsumError) -> None:

@@ -255,3 +255,30 @@ def test_eager_final_discarded_when_speech_resumes(tiny_model, male_clip) -> Non
     offline = recognize(tiny_model, [pcm_x[round(f.start * 16000) : round(f.end * 16000)]], "asr",
                         DecodingOptions(max_new_tokens=FINAL_TOKENS), score_tags=False)[0]  # fmt: skip
     assert f.transcript == offline.transcript
+
+
+def test_eager_final_waits_for_a_request_in_flight(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """The endpoint fires while a partial is still running (as in the engine, where audio keeps
+    arriving): the eager Final waits for that partial's result, then comes, once."""
+    s = Session("s", SessionConfig(max_partial_tokens=4, tasks=(), partial_step_ms=160), tiny_model)
+    pcm = (np.clip(np.concatenate([SIL, male_clip, SIL, SIL]), -1, 1) * 32767).astype("<i2").tobytes()
+    events, held, released = [], None, -1
+    for i in range(0, len(pcm), 3200):
+        s.feed(pcm[i : i + 3200])
+        while held is None and (req := s.next_work()) is not None:
+            if isinstance(req, FinalRequest):
+                s.apply(req, run_finals(tiny_model, [req], max_new_tokens=FINAL_TOKENS)[0])
+            elif any(isinstance(e, SpeechEnded) for e in events) or s._utts[0].eager is None:
+                s.apply(req, run_partials(tiny_model, [req])[0])
+            else:
+                held = (req, run_partials(tiny_model, [req])[0])  # a partial after the eager pass: keep it running
+        events += s.drain()
+        if held is not None and any(isinstance(e, SpeechEnded) for e in events):
+            assert not any(isinstance(e, Final) for e in events)  # the Final waits for the partial
+            released = len(events)
+            s.apply(*held)
+            held = None
+            events += s.drain()
+    assert released > 0  # the situation did arise: a partial was running at the endpoint
+    finals = [i for i, e in enumerate(events) if isinstance(e, Final)]
+    assert len(finals) == 1 and finals[0] >= released  # once, right after the partial's result
