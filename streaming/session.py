@@ -123,6 +123,7 @@ class _Utterance:
     pending: list[torch.Tensor] = field(default_factory=list)  # raw log-mel frames not yet encoded
     cache: Any = None
     speech: torch.Tensor | None = None
+    llm_cache: Any = None  # the LLM's cache of [prompt, begin, speech so far] for partials
     committed: list[int] = field(default_factory=list)
     unstable: list[int] = field(default_factory=list)
     last_hyp: list[int] = field(default_factory=list)
@@ -342,8 +343,9 @@ class Session(SessionBase):
             u.cache = self.model.init_stream(self.config.chunk_frames, self.config.left_chunks)
         speech = u.speech if u.speech is not None else torch.zeros(0, self.model.cfg.llm_dim)
         # partials normalise with the running maximum; the Final recomputes with the true one
+        llm_cache, u.llm_cache = u.llm_cache, None  # lent to the request; its result hands it back
         return PartialRequest(normalize_log_mel(raw, u.mel_max), u.cache, speech, list(u.committed), list(u.unstable),
-                              max_new_tokens=self.config.max_partial_tokens)  # fmt: skip
+                              max_new_tokens=self.config.max_partial_tokens, llm_cache=llm_cache)  # fmt: skip
 
     def apply(self, req: Any, result: Any) -> None:
         """The result of the request last returned by :meth:`next_work`."""
@@ -378,7 +380,7 @@ class Session(SessionBase):
         self._maybe_close()
 
     def _apply_partial(self, u: _Utterance, r: PartialResult) -> None:
-        u.cache, u.speech = r.cache, r.speech
+        u.cache, u.speech, u.llm_cache = r.cache, r.speech, r.llm_cache
         if u.stage not in ("partial", "final"):
             return  # the Final was already sent: it supersedes this partial
         hyp = r.tokens

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,9 @@ class PartialRequest:
     draft: list[int]  # the previous unstable tail
     final_chunk: bool = False
     max_new_tokens: int = 60
+    # the LLM's keys and values for [prompt, speech-begin, the speech so far] from this
+    # session's previous partial (None: compute them); extended in place, handed back
+    llm_cache: Any = None
 
 
 @dataclass
@@ -59,6 +63,7 @@ class PartialResult:
     speech: torch.Tensor
     tokens: list[int]  # committed + the new tail
     verified: int  # draft tokens accepted without decoding
+    llm_cache: Any = None  # to give to the next partial (None after a batched pass)
 
 
 @dataclass
@@ -205,7 +210,14 @@ def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialRe
         chunks.append((torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0], cache))
     out = [PartialResult(cache, speech, list(r.committed), 0) for r, (speech, cache) in zip(reqs, chunks)]
     rows = [b for b, (speech, _) in enumerate(chunks) if speech.shape[0] > 0]  # no speech frames yet: nothing to decode
-    if rows:
+    if len(rows) == 1:  # alone: reuse the session's LLM cache, so only the new frames and the text are computed
+        b = rows[0]
+        r, speech = reqs[b], chunks[b][0]
+        new = speech[r.speech.shape[0] :] if r.llm_cache is not None else speech
+        limit = max(len(r.committed), _budget(speech.shape[0] / 12.5, r.max_new_tokens))
+        tokens, verified, kv = _partial_with_cache(model, new, r.llm_cache, r.committed, r.draft, limit)
+        out[b].tokens, out[b].verified, out[b].llm_cache = tokens, verified, kv
+    elif rows:  # several sessions: one batch from scratch (their caches cannot be stacked cheaply)
         # speech frames run at 12.5 Hz (whisper's 50 Hz / 4); committed tokens are never cut
         limits = [max(len(reqs[b].committed), _budget(chunks[b][0].shape[0] / 12.5, reqs[b].max_new_tokens)) for b in rows]
         decoded = verify_and_decode_batch(model, [chunks[b][0] for b in rows], [reqs[b].committed for b in rows],
@@ -213,6 +225,61 @@ def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialRe
         for b, (tokens, _, verified) in zip(rows, decoded):
             out[b].tokens, out[b].verified = tokens, verified
     return out
+
+
+def _partial_with_cache(
+    model: OsumModel, new_speech: torch.Tensor, kv: Any, forced: list[int], draft: list[int], max_tokens: int
+) -> tuple[list[int], int, Any]:
+    """:func:`verify_and_decode` for one partial, on top of the session's cached prefix.
+
+    ``kv`` holds [prompt, speech-begin, earlier speech] (None: start it); the new speech
+    frames are appended to it (the chunked encoder never changes earlier frames, and the LLM
+    is causal, so the cached positions stay valid), then [speech-end, forced, draft] are
+    verified and decoding continues as usual. The cache is cropped back to the prefix and
+    returned. Same tokens as recomputing everything, up to rounding.
+    """
+    llm, dev, dt = model.llm, model.device, model.llm_dtype
+    begin, end = (e.to(dt) for e in model.boundary_embeddings())
+    table = llm.get_input_embeddings()
+    if kv is None:
+        kv = _new_cache(llm)
+        prompt = table(torch.tensor(_prompt(model, "asr"), device=dev))
+        new_speech = torch.cat([prompt, begin[None], new_speech.to(dt)])
+    past = kv.get_seq_length()
+    if new_speech.shape[0]:
+        _feed(llm, new_speech.to(dt), kv, past)
+    n = kv.get_seq_length()  # the prefix this session keeps
+    prefix = forced + draft
+    tail = torch.cat([end[None], table(torch.tensor(prefix, dtype=torch.long, device=dev))]) if prefix else end[None]
+    logp = _feed(llm, tail, kv, n, keep=len(tail)).log_softmax(-1)  # row i predicts prefix token i
+    pred = logp.argmax(-1).tolist()
+    tokens = list(forced)
+    verified = 0
+    for k, t in enumerate(draft):
+        if pred[len(forced) + k] != t or len(tokens) >= max_tokens:
+            break
+        tokens.append(t)
+        verified += 1
+    if len(prefix) > len(tokens):
+        kv.crop(len(tokens) - len(prefix))  # drop the rejected draft (transformers 5: a negative count)
+    nxt = pred[len(tokens)]
+    eos = model.cfg.eos_token_id
+    while len(tokens) < max_tokens and nxt != eos:
+        tokens.append(nxt)
+        step = _feed(llm, table(torch.tensor([nxt], device=dev)), kv, n + len(tokens), keep=1)
+        nxt = int(step[-1].argmax())
+    if kv.get_seq_length() > n:
+        kv.crop(n - kv.get_seq_length())  # back to the prefix this session keeps
+    return tokens, verified, kv
+
+
+def _feed(llm: Any, embeds: torch.Tensor, kv: Any, past: int, keep: int = 1) -> torch.Tensor:
+    """Run (t, d) embeddings at positions past..past+t-1 after the cached ones; logits (keep, V)."""
+    t = embeds.shape[0]
+    mask = torch.ones(1, past + t, dtype=torch.long, device=embeds.device)
+    pos = torch.arange(past, past + t, device=embeds.device)[None]
+    out = llm(inputs_embeds=embeds[None], attention_mask=mask, position_ids=pos, cache=kv, use_cache=True, logits_to_keep=keep)
+    return out.logits[0].float()
 
 
 def verify_and_decode_batch(

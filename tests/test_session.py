@@ -282,3 +282,36 @@ def test_eager_final_waits_for_a_request_in_flight(tiny_model, male_clip) -> Non
     assert released > 0  # the situation did arise: a partial was running at the endpoint
     finals = [i for i, e in enumerate(events) if isinstance(e, Final)]
     assert len(finals) == 1 and finals[0] >= released  # once, right after the partial's result
+
+
+def test_partials_reuse_the_sessions_llm_cache(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """A lone partial computes only its new speech frames and text on top of the cache its
+    session kept from the previous partial, and gets the tokens a full recomputation gets."""
+    import torch
+
+    from osum.audio import log_mel
+    from osum.tasks import get_task
+    from streaming.work import verify_and_decode
+
+    mel = log_mel(male_clip)
+    stream = tiny_model.init_stream(24)
+    speech, kv, committed, draft = torch.zeros(0, tiny_model.cfg.llm_dim), None, [], []
+    for i, step in enumerate(range(0, 480, 96)):
+        req = PartialRequest(mel[:, step : step + 96], stream, speech, committed, draft, max_new_tokens=6, llm_cache=kv)
+        res = run_partials(tiny_model, [req])[0]
+        assert res.speech.shape[0] > speech.shape[0]  # new frames every step
+        with torch.inference_mode():
+            full = verify_and_decode(tiny_model, res.speech, committed, draft, 6)[0]  # everything recomputed
+        assert res.tokens == full
+        prompt = tiny_model.tokenizer.encode(get_task("asr").prompt, add_special_tokens=False)
+        assert res.llm_cache is not None and res.llm_cache.get_seq_length() == len(prompt) + 1 + res.speech.shape[0]
+        stream, speech, kv = res.cache, res.speech, res.llm_cache
+        committed, draft = res.tokens[: i], res.tokens[i:]  # some committed, the rest as the next draft
+    # a wrong draft: cut at the wrong token, decoding resumes there, the cache goes back to the prefix
+    with torch.inference_mode():
+        greedy = verify_and_decode(tiny_model, speech, [], [], 6)[0]
+    wrong = greedy[:2] + [(greedy[2] + 1) % 1000] + greedy[3:]
+    again = run_partials(tiny_model, [PartialRequest(mel[:, :0], stream, speech, [], wrong, max_new_tokens=6, llm_cache=kv)])[0]
+    with torch.inference_mode():
+        assert again.tokens == verify_and_decode(tiny_model, speech, [], wrong, 6)[0]
+    assert again.verified == 2 and again.llm_cache.get_seq_length() == len(prompt) + 1 + speech.shape[0]
