@@ -106,7 +106,12 @@ def memory_per_session(model: object) -> float:
     with torch.no_grad():
         for i in range(0, 3000, 48):
             _, cache = model.encode_chunk(mel[:, :, i : i + 48], cache)  # type: ignore[attr-defined]
-    return cache.nbytes() + 30 * 16000 * 4 + 3000 * 80 * 4  # + the utterance audio and its log-mel
+    # + the utterance audio and its log-mel, + the partials' LLM cache (keys and values of the
+    # prompt and 375 speech frames in every layer)
+    llm = model.cfg.llm  # type: ignore[attr-defined]
+    heads = llm.get("num_key_value_heads", llm["num_attention_heads"])
+    kv = 2 * llm["num_hidden_layers"] * heads * (llm["hidden_size"] // llm["num_attention_heads"]) * 4 * (375 + 40)
+    return cache.nbytes() + 30 * 16000 * 4 + 3000 * 80 * 4 + kv
 
 
 def load(name: str, overlay: Path | None = None, quantize: str = "none"):  # type: ignore[no-untyped-def]

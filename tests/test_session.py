@@ -182,6 +182,7 @@ def test_partials_of_many_sessions_decode_as_one_batch(tiny_model, male_clip) ->
     import torch
 
     from osum.audio import log_mel
+    from streaming.work import verify_and_decode_batch
 
     mel = log_mel(male_clip)
     empty = torch.zeros(0, tiny_model.cfg.llm_dim)
@@ -193,11 +194,15 @@ def test_partials_of_many_sessions_decode_as_one_batch(tiny_model, male_clip) ->
     wrong = alone[:3] + [(alone[3] + 1) % 1000] + alone[4:]
     reqs = [req(240, [], alone, 8), req(240, [], wrong, 8), req(160, [], [], 6), req(240, wrong[:4], [], 10), req(80, [], [], 5)]
     single = [run_partials(tiny_model, [r])[0] for r in reqs]
-    batched = run_partials(tiny_model, reqs)
-    assert [r.tokens for r in batched] == [r.tokens for r in single]
-    assert [r.verified for r in batched] == [r.verified for r in single] == [8, 3, 0, 0, 0]
-    assert [len(r.tokens) for r in batched] == [8, 8, 6, 10, 5]
-    assert all(torch.equal(a.speech, b.speech) for a, b in zip(batched, single))
+    together = run_partials(tiny_model, reqs)  # on CPU: one by one, each on its own LLM cache
+    assert [r.tokens for r in together] == [r.tokens for r in single]
+    assert all(torch.equal(a.speech, b.speech) for a, b in zip(together, single))
+    with torch.inference_mode():  # the batched form (what CUDA uses), on the same inputs
+        batched = verify_and_decode_batch(tiny_model, [r.speech for r in single], [q.committed for q in reqs],
+                                          [q.draft for q in reqs], [q.max_new_tokens for q in reqs])  # fmt: skip
+    assert [t for t, _, _ in batched] == [r.tokens for r in single]
+    assert [v for _, _, v in batched] == [r.verified for r in single] == [8, 3, 0, 0, 0]
+    assert [len(t) for t, _, _ in batched] == [8, 8, 6, 10, 5]
 
 
 def _run_counting(s: Session, model, audio: np.ndarray) -> tuple[list, list]:  # type: ignore[no-untyped-def]
