@@ -55,15 +55,18 @@ def session_config(sc: pb.StreamingRecognitionConfig) -> SessionConfig:
     c = sc.config
     audio = audio_format(c)
     vad = VadOptions()
+    eager = SessionConfig.eager_final_ms
     if c.HasField("endpointing_config"):
         e = c.endpointing_config
         vad = VadOptions(
             threshold=e.threshold or vad.threshold, min_silence_ms=e.min_silence_ms or vad.min_silence_ms,
             min_speech_ms=e.min_speech_ms or vad.min_speech_ms, max_utterance_s=e.max_utterance_s or vad.max_utterance_s,
         )  # fmt: skip
+        if e.HasField("eager_final_ms"):
+            eager = e.eager_final_ms
     return SessionConfig(
         audio=audio, vad=vad, interim_results=sc.interim_results, partial_step_ms=sc.partial_step_ms or 480,
-        tasks=tuple(c.analysis_tasks), chat=c.enable_chat_reply,
+        tasks=tuple(c.analysis_tasks), chat=c.enable_chat_reply, eager_final_ms=eager,
     )  # fmt: skip
 
 

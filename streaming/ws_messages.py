@@ -37,7 +37,7 @@ __all__ = ["ProtocolError", "ClientMessage", "parse_client_text", "config_from_p
 CLIENT_TYPES = ("Configure", "KeepAlive", "Finalize", "CloseStream")
 KNOWN_PARAMS = frozenset({
     "encoding", "sample_rate", "channels", "interim_results", "partial_step_ms", "tasks", "chat", "endpointing",
-    "min_speech_ms", "max_utterance_s", "vad_threshold", "resume", "last_seq", "token",
+    "min_speech_ms", "max_utterance_s", "vad_threshold", "eager_final_ms", "resume", "last_seq", "token",
 })  # fmt: skip
 _ENCODINGS = {"linear16": "pcm16", "pcm16": "pcm16", "float32": "float32"}
 
@@ -116,6 +116,7 @@ def config_from_params(p: Mapping[str, str]) -> SessionConfig:
         audio=audio, vad=vad, interim_results=_bool("interim_results", p.get("interim_results", "true")),
         partial_step_ms=_num("partial_step_ms", p.get("partial_step_ms", "480"), int), tasks=tasks,
         chat=_bool("chat", p.get("chat", "false")),
+        eager_final_ms=_num("eager_final_ms", p.get("eager_final_ms", str(SessionConfig.eager_final_ms)), int),
     )  # fmt: skip
 
 

@@ -159,3 +159,20 @@ def test_config_validation_is_total(params: dict[str, str]) -> None:
     except InvalidConfigError:
         return
     assert 8000 <= cfg.audio.sample_rate <= 48000 and cfg.partial_step_ms % 80 == 0
+
+
+def test_eager_finals_can_be_turned_off_on_both_protocols() -> None:
+    """``eager_final_ms`` (query/Configure, or gRPC's endpointing_config): default 200, 0 = off."""
+    from streaming.grpc_server import session_config
+    from streaming.proto import speech_pb2 as pb
+
+    assert config_from_params({}).eager_after_ms == 200
+    assert config_from_params({"eager_final_ms": "0"}).eager_after_ms is None
+    assert config_from_params({"eager_final_ms": "300", "endpointing": "800"}).eager_after_ms == 300
+    with pytest.raises(InvalidConfigError):
+        config_from_params({"eager_final_ms": "-5"})
+    plain = pb.StreamingRecognitionConfig(config=pb.RecognitionConfig(sample_rate_hertz=16000))
+    assert session_config(plain).eager_after_ms == 200
+    off = pb.StreamingRecognitionConfig(config=pb.RecognitionConfig(
+        sample_rate_hertz=16000, endpointing_config=pb.EndpointingConfig(eager_final_ms=0)))
+    assert session_config(off).eager_after_ms is None

@@ -60,6 +60,7 @@ class StreamOptions:
     interim_results: bool = True
     chat: bool = False
     endpointing_ms: int | None = None  # trailing silence that ends an utterance (server default 600)
+    eager_final_ms: int | None = None  # start the final pass after this much silence (server default 200; 0: off)
     realtime: bool = True  # pace the source at real time; False: as fast as the server takes it
     keepalive_s: float = 5.0
     reconnects: int = 3
@@ -89,6 +90,8 @@ class _WsConnection:
              "interim_results": str(opt.interim_results).lower(), "chat": str(opt.chat).lower(), **opt.extra}  # fmt: skip
         if opt.endpointing_ms is not None:
             q["endpointing"] = str(opt.endpointing_ms)
+        if opt.eager_final_ms is not None:
+            q["eager_final_ms"] = str(opt.eager_final_ms)
         if token:
             q |= {"resume": token, "last_seq": str(last_seq)}
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
@@ -159,6 +162,8 @@ class _GrpcConnection:
                                   analysis_tasks=list(opt.tasks), enable_chat_reply=opt.chat)  # fmt: skip
         if opt.endpointing_ms is not None:
             rc.endpointing_config.min_silence_ms = opt.endpointing_ms
+        if opt.eager_final_ms is not None:
+            rc.endpointing_config.eager_final_ms = opt.eager_final_ms
         sc = pb.StreamingRecognitionConfig(config=rc, interim_results=opt.interim_results)
         if token:
             sc.resume_token, sc.last_seq = token, last_seq

@@ -36,16 +36,18 @@ class RecognitionConfig(_message.Message):
     def __init__(self, encoding: _Optional[_Union[RecognitionConfig.AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., audio_channel_count: _Optional[int] = ..., language_code: _Optional[str] = ..., model: _Optional[str] = ..., analysis_tasks: _Optional[_Iterable[str]] = ..., enable_chat_reply: _Optional[bool] = ..., endpointing_config: _Optional[_Union[EndpointingConfig, _Mapping]] = ...) -> None: ...
 
 class EndpointingConfig(_message.Message):
-    __slots__ = ("min_silence_ms", "min_speech_ms", "max_utterance_s", "threshold")
+    __slots__ = ("min_silence_ms", "min_speech_ms", "max_utterance_s", "threshold", "eager_final_ms")
     MIN_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
     MIN_SPEECH_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_UTTERANCE_S_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    EAGER_FINAL_MS_FIELD_NUMBER: _ClassVar[int]
     min_silence_ms: int
     min_speech_ms: int
     max_utterance_s: float
     threshold: float
-    def __init__(self, min_silence_ms: _Optional[int] = ..., min_speech_ms: _Optional[int] = ..., max_utterance_s: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+    eager_final_ms: int
+    def __init__(self, min_silence_ms: _Optional[int] = ..., min_speech_ms: _Optional[int] = ..., max_utterance_s: _Optional[float] = ..., threshold: _Optional[float] = ..., eager_final_ms: _Optional[int] = ...) -> None: ...
 
 class StreamingRecognitionConfig(_message.Message):
     __slots__ = ("config", "interim_results", "partial_step_ms", "resume_token", "last_seq")
