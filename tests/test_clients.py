@@ -119,7 +119,7 @@ def test_finalize_in_the_source_and_the_sync_client(tiny_model, male_clip) -> No
         async with Servers(tiny_model) as s:
             chunks = list(from_array(np.concatenate([SIL, male_clip]), chunk_ms=100))
             url = f"ws://127.0.0.1:{s.ws_port}"
-            forced = await _events(url, [*chunks, FINALIZE, *from_array(SIL[:8000])], replace(FAST, endpointing_ms=5000))
+            forced = await _events(url, [*chunks, FINALIZE, *from_array(SIL[:8000])], replace(FAST, endpointing_ms=5000, eager_final_ms=0))
             sync = await asyncio.to_thread(lambda: list(Client(url).stream(chunks, FAST)))
             return forced, sync
 
