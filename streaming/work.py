@@ -231,6 +231,14 @@ def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialRe
     return out
 
 
+def _accepted(greedy: list[int], draft: list[int], room: int) -> int:
+    """How many leading draft tokens equal the greedy choices at their positions (at most ``room``)."""
+    n = 0
+    while n < min(len(draft), room) and greedy[n] == draft[n]:
+        n += 1
+    return n
+
+
 def _partial_with_cache(
     model: OsumModel, new_speech: torch.Tensor, kv: Any, forced: list[int], draft: list[int], max_tokens: int
 ) -> tuple[list[int], int, Any]:
@@ -257,13 +265,8 @@ def _partial_with_cache(
     tail = torch.cat([end[None], table(torch.tensor(prefix, dtype=torch.long, device=dev))]) if prefix else end[None]
     logp = _feed(llm, tail, kv, n, keep=len(tail)).log_softmax(-1)  # row i predicts prefix token i
     pred = logp.argmax(-1).tolist()
-    tokens = list(forced)
-    verified = 0
-    for k, t in enumerate(draft):
-        if pred[len(forced) + k] != t or len(tokens) >= max_tokens:
-            break
-        tokens.append(t)
-        verified += 1
+    verified = _accepted(pred[len(forced) :], draft, max_tokens - len(forced))
+    tokens = forced + draft[:verified]
     if len(prefix) > len(tokens):
         kv.crop(len(tokens) - len(prefix))  # drop the rejected draft (transformers 5: a negative count)
     nxt = pred[len(tokens)]
@@ -318,14 +321,9 @@ def verify_and_decode_batch(
     nxt, nxt_lp = [], []
     for b in range(B):
         base = P - len(prefixes[b])  # window index predicting the row's first prefix token
-        tokens, lps = list(forced[b]), [float(logp[b, base + i, t]) for i, t in enumerate(forced[b])]
-        verified = 0
-        for k, t in enumerate(draft[b]):
-            if pred[b][base + len(forced[b]) + k] != t or len(tokens) >= max_tokens[b]:
-                break
-            tokens.append(t)
-            lps.append(float(logp[b, base + len(forced[b]) + k, t]))
-            verified += 1
+        verified = _accepted(pred[b][base + len(forced[b]) :], draft[b], max_tokens[b] - len(forced[b]))
+        tokens = forced[b] + draft[b][:verified]
+        lps = [float(logp[b, base + i, t]) for i, t in enumerate(tokens)]
         drop = len(prefixes[b]) - len(tokens)
         if drop:
             mask[b, S - drop :] = 0  # the rejected draft: masked, not cropped
@@ -369,14 +367,9 @@ def verify_and_decode(
                     position_ids=inputs.position_ids, cache=kv, use_cache=True, logits_to_keep=len(prefix) + 1)  # fmt: skip
     logp = out.logits[0].float().log_softmax(-1)
     pred = logp.argmax(-1).tolist()
-    tokens, lps = list(forced), [float(logp[i, t]) for i, t in enumerate(forced)]
-    verified = 0
-    for k, t in enumerate(draft):
-        if pred[len(forced) + k] != t or len(tokens) >= max_tokens:
-            break
-        tokens.append(t)
-        lps.append(float(logp[len(forced) + k, t]))
-        verified += 1
+    verified = _accepted(pred[len(forced) :], draft, max_tokens - len(forced))
+    tokens = forced + draft[:verified]
+    lps = [float(logp[i, t]) for i, t in enumerate(tokens)]
     drop = len(prefix) - len(tokens)  # cached positions after the accepted prefix
     if drop:
         kv.crop(-drop)  # type: ignore[attr-defined]  # transformers 5: a negative count removes that many
