@@ -94,7 +94,7 @@ class OsumModel(nn.Module):
 
     def quantize_llm(self) -> OsumModel:
         """int8 weights for the LLM's linear layers (PyTorch's dynamic quantisation: weights
-        int8 per tensor, activations quantised per call). CPU only. Decoding is memory-bound
+        int8 with a scale per output channel, activations quantised per call). CPU only. Decoding is memory-bound
         on CPU, so this is ~3x faster per step and ~4x smaller for those layers (osum-mini,
         2 cores: 130 -> 40 ms a step; docs/osum-mini.md). The embedding table stays fp32.
         Layer by layer, so a bf16 LLM never exists in fp32 all at once. Results can differ

@@ -12,8 +12,9 @@ back. Three kinds, by priority:
 * :class:`PartialRequest`: new mel frames through the chunked encoder (the session's
   cache in, the new cache out), then the hypothesis: the committed tokens are forced, the
   previous unstable tail is the draft, verified in one forward pass; decoding continues
-  only from the first token the model disagrees with. The LLM work of all the batch's
-  sessions runs together (one verifying pass, then shared greedy steps).
+  only from the first token the model disagrees with. On CPU each partial runs on its
+  session's LLM cache (only the new frames and the text are computed); on CUDA the batch's
+  sessions run together (one verifying pass, then shared greedy steps).
 """
 
 from __future__ import annotations
@@ -203,13 +204,16 @@ def _replies(model: OsumModel, reqs: list[AnalysisRequest], results: list[Analys
 @torch.inference_mode()
 def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialResult]:
     """Each session's new chunk through the chunked encoder (its own cache: one call per
-    session, the encoder is small), then all sessions' hypotheses in one batched LLM pass."""
+    session, the encoder is small), then each session's hypothesis: on its own LLM cache
+    (CPU, or a lone partial) or all in one batched LLM pass (CUDA)."""
     chunks = []
     for r in reqs:
         new, cache = model.encode_chunk(r.mel[None], r.cache, final=r.final_chunk)
         chunks.append((torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0], cache))
     out = [PartialResult(cache, speech, list(r.committed), 0) for r, (speech, cache) in zip(reqs, chunks)]
     rows = [b for b, (speech, _) in enumerate(chunks) if speech.shape[0] > 0]  # no speech frames yet: nothing to decode
+    # speech frames run at 12.5 Hz (whisper's 50 Hz / 4); committed tokens are never cut
+    limits = {b: max(len(reqs[b].committed), _budget(chunks[b][0].shape[0] / 12.5, reqs[b].max_new_tokens)) for b in rows}
     # One by one on each session's LLM cache (only new frames and text computed), or all in one
     # batch from scratch (the caches cannot be stacked cheaply). On CPU the prefill dominates
     # (int8 osum-mini: ~350 ms for a 5 s utterance's prefix, ~100 ms for a partial's new part,
@@ -218,14 +222,11 @@ def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialRe
         for b in rows:
             r, speech = reqs[b], chunks[b][0]
             new = speech[r.speech.shape[0] :] if r.llm_cache is not None else speech
-            limit = max(len(r.committed), _budget(speech.shape[0] / 12.5, r.max_new_tokens))
-            tokens, verified, kv = _partial_with_cache(model, new, r.llm_cache, r.committed, r.draft, limit)
+            tokens, verified, kv = _partial_with_cache(model, new, r.llm_cache, r.committed, r.draft, limits[b])
             out[b].tokens, out[b].verified, out[b].llm_cache = tokens, verified, kv
     elif rows:
-        # speech frames run at 12.5 Hz (whisper's 50 Hz / 4); committed tokens are never cut
-        limits = [max(len(reqs[b].committed), _budget(chunks[b][0].shape[0] / 12.5, reqs[b].max_new_tokens)) for b in rows]
         decoded = verify_and_decode_batch(model, [chunks[b][0] for b in rows], [reqs[b].committed for b in rows],
-                                          [reqs[b].draft for b in rows], limits)  # fmt: skip
+                                          [reqs[b].draft for b in rows], [limits[b] for b in rows])  # fmt: skip
         for b, (tokens, _, verified) in zip(rows, decoded):
             out[b].tokens, out[b].verified = tokens, verified
     return out
@@ -253,13 +254,13 @@ def _partial_with_cache(
     llm, dev, dt = model.llm, model.device, model.llm_dtype
     begin, end = (e.to(dt) for e in model.boundary_embeddings())
     table = llm.get_input_embeddings()
+    new_speech = new_speech.to(dt)
     if kv is None:
         kv = _new_cache(llm)
         prompt = table(torch.tensor(_prompt(model, "asr"), device=dev))
-        new_speech = torch.cat([prompt, begin[None], new_speech.to(dt)])
-    past = kv.get_seq_length()
+        new_speech = torch.cat([prompt, begin[None], new_speech])
     if new_speech.shape[0]:
-        _feed(llm, new_speech.to(dt), kv, past)
+        _feed(llm, new_speech, kv, kv.get_seq_length())
     n = kv.get_seq_length()  # the prefix this session keeps
     prefix = forced + draft
     tail = torch.cat([end[None], table(torch.tensor(prefix, dtype=torch.long, device=dev))]) if prefix else end[None]
