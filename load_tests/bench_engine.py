@@ -115,20 +115,17 @@ def memory_per_session(model: object) -> float:
 
 
 def load(name: str, overlay: Path | None = None, quantize: str = "none"):  # type: ignore[no-untyped-def]
-    model = _load(name, overlay)
-    return model.quantize_llm() if quantize == "int8" else model  # after a float load: timing only, not memory
-
-
-def _load(name: str, overlay: Path | None = None):  # type: ignore[no-untyped-def]
     """A model by name; ``osum-mini-random`` is the prepared osum-mini base with a random adapter
     (same sizes and cost as the trained model; for timing only); ``overlay`` puts trained
-    weights (e.g. a training run's ``best.safetensors``) on the osum-mini base."""
+    weights (e.g. a training run's ``best.safetensors``) on the osum-mini base. ``quantize``:
+    as ``load_model``'s (int8 at load, layer by layer)."""
     from osum.loading import cache_dir, load_base_with_overlay, load_model
 
+    int8 = quantize == "int8"
     if overlay is not None:
-        return load_base_with_overlay(cache_dir() / "osum-mini", overlay)
+        return load_base_with_overlay(cache_dir() / "osum-mini", overlay, quantize=int8)
     if name != "osum-mini-random":
-        return load_model(name)
+        return load_model(name, quantize=quantize)
     import tempfile
 
     from safetensors.torch import save_file
@@ -142,7 +139,7 @@ def _load(name: str, overlay: Path | None = None):  # type: ignore[no-untyped-de
     overlay = {k: v.contiguous() for k, v in overlay_state_dict(parts).items()}
     path = Path(tempfile.mkdtemp()) / "random.safetensors"
     save_file(overlay, str(path))
-    return load_base_with_overlay(cache_dir() / "osum-mini", path)
+    return load_base_with_overlay(cache_dir() / "osum-mini", path, quantize=int8)
 
 
 async def run_streams(model: object, progs: list, cfg: SessionConfig) -> tuple[list[dict[str, list[float]]], float, float]:  # type: ignore[type-arg]
