@@ -206,13 +206,15 @@ def test_partials_of_many_sessions_decode_as_one_batch(tiny_model, male_clip) ->
 
 
 def _run_counting(s: Session, model, audio: np.ndarray) -> tuple[list, list]:  # type: ignore[no-untyped-def]
-    """Stream in 100 ms chunks; returns events and, per model request, (kind, events drained after it)."""
+    """Stream in 100 ms chunks; returns events and, per model request, (kind, audio samples of a
+    FinalRequest, whether its utterance was still open: an eager pass)."""
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
     events, ran = [], []
     for i in range(0, len(pcm), 3200):
         s.feed(pcm[i : i + 3200])
         while (req := s.next_work()) is not None:
-            ran.append((type(req).__name__, req.audio.size if isinstance(req, FinalRequest) else 0))
+            final = isinstance(req, FinalRequest)
+            ran.append((type(req).__name__, req.audio.size if final else 0, final and s._utts[0].end is None))
             if isinstance(req, PartialRequest):
                 s.apply(req, run_partials(model, [req])[0])
             elif isinstance(req, FinalRequest):
@@ -231,7 +233,8 @@ def test_eager_final_is_ready_when_the_endpoint_fires(tiny_model, male_clip) -> 
     s = Session("s", SessionConfig(max_partial_tokens=4, tasks=()), tiny_model)
     events, ran = _run_counting(s, tiny_model, x)
     finals = [e for e in events if isinstance(e, Final)]
-    assert len(finals) == 1 and [k for k, _ in ran].count("FinalRequest") == 1  # one final pass, done early
+    passes = [eager for k, _, eager in ran if k == "FinalRequest"]
+    assert len(finals) == 1 and passes == [True]  # one final pass, started before the endpoint
     ended = next(i for i, e in enumerate(events) if isinstance(e, SpeechEnded))
     assert isinstance(events[ended + 1], Final)  # in the same drain as the endpoint
     f = finals[0]
@@ -240,8 +243,9 @@ def test_eager_final_is_ready_when_the_endpoint_fires(tiny_model, male_clip) -> 
     assert f.transcript == offline.transcript
     # off: the final pass runs only after the endpoint
     s = Session("s", SessionConfig(max_partial_tokens=4, tasks=(), eager_final_ms=0), tiny_model)
-    events_off, _ = _run_counting(s, tiny_model, x)
+    events_off, ran_off = _run_counting(s, tiny_model, x)
     assert [e.transcript for e in events_off if isinstance(e, Final)] == [f.transcript]
+    assert [eager for k, _, eager in ran_off if k == "FinalRequest"] == [False]
 
 
 def test_eager_final_discarded_when_speech_resumes(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
@@ -253,8 +257,8 @@ def test_eager_final_discarded_when_speech_resumes(tiny_model, male_clip) -> Non
     events, ran = _run_counting(s, tiny_model, x)
     finals = [e for e in events if isinstance(e, Final)]
     assert len(finals) == 1
-    passes = [n for k, n in ran if k == "FinalRequest"]
-    assert len(passes) >= 2 and passes[0] < passes[-1]  # the early pass covered only the first part
+    passes = [(n, eager) for k, n, eager in ran if k == "FinalRequest"]
+    assert len(passes) >= 2 and passes[0][1] and passes[0][0] < passes[-1][0]  # the early pass covered only the first part
     f = finals[0]
     assert f.start < 2.5 and f.end > 2.9 + 0.5  # one utterance across the pause (2.5 s to 2.9 s)
     offline = recognize(tiny_model, [pcm_x[round(f.start * 16000) : round(f.end * 16000)]], "asr",
