@@ -220,10 +220,11 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q) * 1000) if xs else float("nan")
 
 
-def start_server(engine: str, model: str, max_sessions: int, profile: Path | None = None) -> tuple[subprocess.Popen, dict]:  # type: ignore[type-arg]
+def start_server(engine: str, model: str, max_sessions: int, profile: Path | None = None,
+                 event_loop: str = "auto") -> tuple[subprocess.Popen, dict]:  # type: ignore[type-arg]
     prof = ["-m", "cProfile", "-o", str(profile)] if profile else []
     cmd = [sys.executable, *prof, "-m", "streaming.app", "--engine", engine, "--model", model, "--grpc-port", "0", "--ws-port", "0",
-           "--max-sessions", str(max_sessions), "--idle-timeout", "120"]  # fmt: skip
+           "--max-sessions", str(max_sessions), "--idle-timeout", "120", "--event-loop", event_loop]  # fmt: skip
     log = open(os.environ.get("OSUM_LOAD_SERVER_LOG", os.devnull), "w")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
@@ -247,11 +248,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     ap.add_argument("--keep-going", action="store_true", help="measure every N, also past the first failure (for plots)")
     ap.add_argument("--profile", type=Path, help="run the server under cProfile, writing here")
+    ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="the server's event loop")
     args = ap.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
     if max(levels) > args.max_sessions:
         raise SystemExit(f"at most {args.max_sessions} sessions")
-    proc, info = start_server(args.engine, args.model, max(levels) + 10, args.profile)
+    proc, info = start_server(args.engine, args.model, max(levels) + 10, args.profile, args.event_loop)
     port = info["ws_port"] if args.protocol == "ws" else info["grpc_port"]
     rows, knee = [], None
     head = ("| N | utterances | errors | first partial P50/P95/P99 ms | final P50/P95/P99 ms | added P50/P95/P99 ms | "

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -176,10 +177,11 @@ async def run(args: argparse.Namespace) -> int:
     # long-lived objects (model, modules) out of the collector's way: fewer, shorter GC pauses
     gc.collect()
     gc.freeze()
-    print(json.dumps({"event": "listening", "grpc_port": grpc_port, "ws_port": ws_port}), flush=True)
-    log.info("listening: gRPC %s:%d, WebSocket/HTTP %s:%d", args.host, grpc_port, args.host, ws_port)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    print(json.dumps({"event": "listening", "grpc_port": grpc_port, "ws_port": ws_port}), flush=True)
+    log.info("listening: gRPC %s:%d, WebSocket/HTTP %s:%d (event loop: %s)", args.host, grpc_port, args.host, ws_port,
+             type(loop).__module__.split(".")[0])  # fmt: skip
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
@@ -201,6 +203,19 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when asked for or (auto) installed; None: asyncio's own."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("osum-serve: --event-loop uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="osum-serve", description="osum-live streaming service (gRPC + WebSocket)")
     ap.add_argument("--model", default=os.environ.get("OSUM_MODEL", "osum-mini"))
@@ -219,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-timeout", type=float, default=30.0, help="seconds without any client message")
     ap.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest WebSocket frame / gRPC message")
     ap.add_argument("--auth", choices=("auto", "required", "off"), default="auto")
+    ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                    help="auto: uvloop when installed (less CPU per message; see docs/benchmarks.md)")
     ap.add_argument("--api-keys-file", type=Path, help="one 'name key' per line")
     ap.add_argument("--keys-in-redis", action="store_true", help="also accept keys in the Redis hash osum:api_keys")
     args = ap.parse_args(argv)
@@ -226,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
-        return asyncio.run(run(args))
+        with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
+            return runner.run(run(args))
     except Exception as e:  # startup failures: one clear line, exit 1
         from osum.errors import OsumError
 

@@ -58,13 +58,14 @@ class NullSession(SessionBase):
     # ---- input ------------------------------------------------------------------------
 
     def _consume(self, x: np.ndarray) -> None:
-        x = np.concatenate([self._spare, x])
+        x = np.concatenate([self._spare, x]) if self._spare.size else x
         n = x.size // FRAME
         self._spare = x[n * FRAME :]
         if n:
-            rms = np.sqrt(np.mean(np.square(x[: n * FRAME].reshape(n, FRAME)), axis=1))
-            for loud in rms > _THRESHOLD:
-                self._frame(bool(loud))
+            frames = x[: n * FRAME].reshape(n, FRAME)
+            energy = np.einsum("ij,ij->i", frames, frames)  # sum of squares per frame, in one pass
+            for loud in (energy > _THRESHOLD * _THRESHOLD * FRAME).tolist():
+                self._frame(loud)
 
     def _frame(self, loud: bool) -> None:
         self._now += FRAME

@@ -153,9 +153,16 @@ class _Connection:
         return self.session
 
     async def _read(self) -> None:
-        from .ws_server import recv_frame  # ws_server routes here: imported late, as it imports us late
+        from .ws_server import FrameReader  # ws_server routes here: imported late, as it imports us late
 
-        while (frame := await recv_frame(self.ws, self.idle)) is not None:
+        reader = FrameReader(self.ws, self.idle)
+        try:
+            await self._read_frames(reader)
+        finally:
+            reader.close()
+
+    async def _read_frames(self, reader: Any) -> None:
+        while (frame := await reader.recv()) is not None:
             if isinstance(frame, bytes):
                 await self.error("invalid_event", "binary frames are not part of this protocol; use input_audio_buffer.append")
                 continue

@@ -23,12 +23,13 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from osum.errors import OsumError
 
@@ -38,22 +39,60 @@ from .session import SessionConfig
 from .status import IdleTimeoutError, with_hint, ws_close_code
 from .ws_messages import ProtocolError, config_from_params, event_message, parse_client_text
 
-__all__ = ["ListenHandler", "serve_ws", "recv_frame", "MAX_FRAME_BYTES"]
+__all__ = ["MAX_FRAME_BYTES", "FrameReader", "ListenHandler", "serve_ws"]
 
 log = logging.getLogger("streaming.ws")
 MAX_FRAME_BYTES = 1 << 20
 
 
-async def recv_frame(ws: ServerConnection, idle_timeout_s: float, hint: str = "") -> str | bytes | None:
-    """The client's next frame; None when it closed normally. Raises IdleTimeoutError after
-    ``idle_timeout_s`` of silence, ConnectionClosed when the connection dropped."""
-    try:
-        async with asyncio.timeout(idle_timeout_s):  # no task per frame, unlike wait_for
-            return await ws.recv()
-    except TimeoutError:
-        raise IdleTimeoutError(f"nothing received for {idle_timeout_s:g} s{hint}") from None
-    except ConnectionClosedOK:
-        return None
+class FrameReader:
+    """Reads one connection's frames under an idle deadline.
+
+    ``recv()`` returns the client's next frame, None when it closed normally; it raises
+    IdleTimeoutError after ``idle_timeout_s`` of waiting, ConnectionClosed when the connection
+    dropped. One timer per connection, re-armed only when it fires: a timer per frame
+    (``asyncio.timeout`` around every ``recv``) cost ~7 % of the server's CPU at 300 streams.
+    """
+
+    def __init__(self, ws: ServerConnection, idle_timeout_s: float, hint: str = "") -> None:
+        self.ws, self.timeout, self.hint = ws, idle_timeout_s, hint
+        self._loop = asyncio.get_running_loop()
+        self._since = 0.0  # when the current wait began
+        self._waiting: asyncio.Task[Any] | None = None  # the task inside recv(), if any
+        self._timer: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    async def recv(self) -> str | bytes | None:
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self.timeout, self._check)
+        self._waiting = asyncio.current_task()
+        try:
+            return await self.ws.recv()
+        except asyncio.CancelledError:
+            if self._fired and self._waiting is not None and self._waiting.uncancel() == 0:
+                raise IdleTimeoutError(f"nothing received for {self.timeout:g} s{self.hint}") from None
+            raise
+        except ConnectionClosedOK:
+            return None
+        finally:
+            self._waiting = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._waiting is None:  # the handler is busy with a frame, not idle: recv() re-arms
+            return
+        due = self._since + self.timeout
+        if self._loop.time() >= due:
+            self._fired = True
+            self._waiting.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
 
 
 def principal(ws: ServerConnection) -> Principal:
@@ -133,18 +172,22 @@ class ListenHandler:
         return await self.engine.open_session(config_from_params(params), resume, last_seq, owner)
 
     async def _read(self, ws: ServerConnection, session: LiveSession) -> None:
-        while (frame := await recv_frame(ws, self.idle_timeout_s, " (send KeepAlive while paused)")) is not None:
-            if isinstance(frame, bytes):
-                await session.send(frame)
-                continue
-            msg = parse_client_text(frame)
-            if msg.type == "Finalize":
-                await session.finalize()
-            elif msg.type == "CloseStream":
-                await session.end()
-                return
-            elif msg.type == "Configure":
-                raise ProtocolError("Configure is only allowed before any audio")
+        reader = FrameReader(ws, self.idle_timeout_s, " (send KeepAlive while paused)")
+        try:
+            while (frame := await reader.recv()) is not None:
+                if isinstance(frame, bytes):
+                    await session.send(frame)
+                    continue
+                msg = parse_client_text(frame)
+                if msg.type == "Finalize":
+                    await session.finalize()
+                elif msg.type == "CloseStream":
+                    await session.end()
+                    return
+                elif msg.type == "Configure":
+                    raise ProtocolError("Configure is only allowed before any audio")
+        finally:
+            reader.close()
         await session.end()  # the client closed its side
 
     async def _write(self, ws: ServerConnection, session: LiveSession) -> None:

@@ -140,6 +140,30 @@ def test_websocket_per_key_limit_and_idle_timeout(tiny_model) -> None:
     asyncio.run(_ws_server(tiny_model, body, replace(OPTS, max_sessions_per_key=1), idle_timeout_s=1.0))
 
 
+def test_websocket_idle_deadline_restarts_with_every_frame(tiny_model) -> None:
+    """One timer per connection, re-armed when it fires: a client that keeps sending is never
+    idle, even long past the first deadline; once it stops, it is closed one timeout later."""
+
+    async def body(url, engine):  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        async with connect(url + f"?tasks=emotion&token={KEY}") as ws:
+            assert json.loads(await ws.recv())["type"] == "Begin"
+            for _ in range(6):  # 2.4 s of KeepAlive every 0.4 s, with a 1.0 s idle timeout
+                await asyncio.sleep(0.4)
+                await ws.send(json.dumps({"type": "KeepAlive"}))
+            assert ws.close_code is None
+            quiet = loop.time()
+            msgs = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    msgs.append(json.loads(await ws.recv()))
+            waited = loop.time() - quiet
+            assert msgs[-1]["code"] == "idle_timeout" and ws.close_code == 4008
+            assert 0.9 <= waited < 2.0, waited
+
+    asyncio.run(_ws_server(tiny_model, body, OPTS, idle_timeout_s=1.0))
+
+
 def test_grpc_needs_a_key_health_does_not(tiny_model, male_clip) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
