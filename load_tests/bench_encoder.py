@@ -5,9 +5,11 @@ WhisperLive and Fun-ASR-Nano re-encode the whole utterance for every partial (ev
 once, attending to cached keys/values. This script measures both in one run, on
 random weights of the chosen size (cost does not depend on the weights), and prints
 one table: wall seconds of encoder work per second of audio, the ratio, and the ratio
-of multiply-accumulates counted analytically.
+of multiply-accumulates counted analytically. A second table: N live sessions' 0.5 s
+chunks, each 10 s into its stream, encoded one call per session vs in one batch
+(:meth:`~osum.encoder.WhisperEncoder.forward_chunks`, as the engine's partials do).
 
-    python load_tests/bench_encoder.py [--size osum-mini|osum] [--threads 2]
+    python load_tests/bench_encoder.py [--size osum-mini|osum] [--threads 2] [--streams 1,4,16]
 """
 
 from __future__ import annotations
@@ -56,12 +58,37 @@ def chunked(enc: WhisperEncoder, mel: torch.Tensor) -> tuple[float, float]:
     return time.perf_counter() - t0, work
 
 
+def sessions(enc: WhisperEncoder, n: int, device: str, history_s: float = 10.0, reps: int = 3) -> tuple[float, float]:
+    """Seconds to encode the next 0.5 s of ``n`` streams ``history_s`` into their audio:
+    (one call per stream, one batched call)."""
+    step = int(STEP_S * FRAMES_PER_S)
+    caches = []
+    for _ in range(n):
+        cache = enc.init_cache(step // 2)
+        _, cache = enc.forward_chunk(torch.randn(1, 80, int(history_s * FRAMES_PER_S) + 2, device=device), cache)
+        caches.append(cache)
+    mels = [torch.randn(1, 80, step, device=device) for _ in range(n)]
+    for m, c in zip(mels, caches):  # the one in-place append a cache allows: spent here, so both forms copy alike
+        enc.forward_chunk(m, c)
+    t_one = t_batch = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for m, c in zip(mels, caches):
+            enc.forward_chunk(m, c)
+        t_one = min(t_one, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        enc.forward_chunks(mels, caches, [False] * n)
+        t_batch = min(t_batch, time.perf_counter() - t0)
+    return t_one, t_batch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="osum-mini", choices=["osum-mini", "osum", "tiny"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", default="5,10,20,30")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--streams", default="1,4,16", help="sessions encoded together (second table)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = PRESETS[args.size].encoder
@@ -76,6 +103,10 @@ def main() -> None:
             t_re, w_re = reencode(enc, mel)
             t_ch, w_ch = chunked(enc, mel)
             print(f"{secs:8.0f} {t_re / secs:14.4f} {t_ch / secs:12.4f} {t_re / t_ch:10.1f}x {w_re / w_ch:9.1f}x")
+        print(f"\n{'sessions':>8} {'one by one ms':>14} {'batched ms':>11} {'speed-up':>9}  (next 0.5 s of each, 10 s in)")
+        for n in (int(x) for x in args.streams.split(",")):
+            t_one, t_batch = sessions(enc, n, args.device)
+            print(f"{n:8d} {t_one * 1e3:14.1f} {t_batch * 1e3:11.1f} {t_one / t_batch:8.1f}x")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig
-from .transformer import KV, TransformerLayer, chunk_mask, forward_block, padding_mask, sinusoids
+from .transformer import KV, TransformerLayer, chunk_mask, forward_block, padding_mask, sinusoids, stream_blocks
 
 __all__ = ["AdapterCache", "CausalConvSubsampling4", "SpeechTransformer", "subsampled_length"]
 
@@ -131,3 +131,17 @@ class SpeechTransformer(nn.Module):
         y = self.embed(x, cache.offset)
         y, kv = forward_block(self.encoders, y, cache.kv or None, cache.left_context)
         return self.after_norm(y), replace(cache, offset=cache.offset + x.shape[1], kv=kv)
+
+    def forward_chunks(
+        self, xs: list[torch.Tensor], caches: list[AdapterCache], block: int
+    ) -> list[tuple[torch.Tensor, AdapterCache]]:
+        """Several streams' next frames (each (1, t_r, d), whole blocks of ``block`` frames
+        but at a stream's end), block by block as :meth:`forward_chunk`, batched across
+        streams. The streams must share ``left_context``."""
+        if len({c.left_context for c in caches}) > 1:
+            raise ValueError("streams batched together must share left_context")
+        if not caches:
+            return []
+        outs, kvs, offsets = stream_blocks(self.encoders, xs, [c.kv or None for c in caches], [c.offset for c in caches],
+                                           block, caches[0].left_context, self.embed)  # fmt: skip
+        return [(self.after_norm(y), replace(c, offset=o, kv=kv or [])) for y, c, o, kv in zip(outs, caches, offsets, kvs)]

@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import EncoderConfig
 from .errors import AudioTooLongError, InvalidConfigError
-from .transformer import KV, TransformerLayer, chunk_mask, forward_block, padding_mask, sinusoids
+from .transformer import KV, TransformerLayer, chunk_mask, forward_block, padding_mask, sinusoids, stream_blocks
 
 __all__ = ["EncoderCache", "WhisperEncoder", "encoded_length"]
 
@@ -158,6 +158,37 @@ class WhisperEncoder(nn.Module):
             offset += x.shape[1]
         out = torch.cat(outs, dim=1) if outs else pending[:, :0]
         return out, replace(cache, pending=pending[:, n_ready:], offset=offset, kv=kv or [])
+
+    def forward_chunks(
+        self, mels: list[torch.Tensor], caches: list[EncoderCache], finals: list[bool]
+    ) -> list[tuple[torch.Tensor, EncoderCache]]:
+        """:meth:`forward_chunk` for several streams at once (each mel (1, n_mels, t_r)).
+
+        The conv front end runs per stream (it is cheap); the transformer layers run the
+        streams' blocks as one batch, each row on its own cache and positions. Every stream
+        gets what :meth:`forward_chunk` gives it alone (up to rounding). The streams must
+        share ``chunk_size`` and ``left_chunks``.
+        """
+        if len({(c.chunk_size, c.left_chunks) for c in caches}) > 1:
+            raise ValueError("streams batched together must share chunk_size and left_chunks")
+        ready, rest = [], []
+        for mel, cache, final in zip(mels, caches, finals):
+            conv, cache = self._conv_chunk(mel, cache, final)
+            pending = conv if cache.pending is None else torch.cat([cache.pending, conv], dim=1)
+            n_ready = pending.shape[1] if final else pending.shape[1] // cache.chunk_size * cache.chunk_size
+            if cache.offset + n_ready > self.cfg.n_ctx:
+                raise AudioTooLongError(f"stream exceeds the encoder's {self.cfg.n_ctx} positions (30 s)")
+            ready.append(pending[:, :n_ready])
+            rest.append(replace(cache, pending=pending[:, n_ready:]))
+        if not caches:
+            return []
+        C, left = caches[0].chunk_size, caches[0].left_chunks
+        pe = self.embed.pos_enc.pe
+        outs, kvs, offsets = stream_blocks(
+            self.encoders, ready, [c.kv or None for c in rest], [c.offset for c in rest], C,
+            -1 if left < 0 else left * C, lambda x, o: x + pe[:, o : o + x.shape[1]].to(x.dtype),
+        )  # fmt: skip
+        return [(self.after_norm(y), replace(c, offset=o, kv=kv or [])) for y, c, o, kv in zip(outs, rest, offsets, kvs)]
 
     def _conv_chunk(self, mel: torch.Tensor, cache: EncoderCache, final: bool) -> tuple[torch.Tensor, EncoderCache]:
         """The conv front end on a stream, exact: each output waits for its right context.

@@ -173,6 +173,22 @@ class OsumModel(nn.Module):
         x = torch.cat(outs, dim=1) if outs else x
         return self.speech_llama_proj(x), SpeechStreamCache(enc_cache, ada)
 
+    def encode_chunks(
+        self, mels: list[torch.Tensor], caches: list[SpeechStreamCache], finals: list[bool]
+    ) -> list[tuple[torch.Tensor, SpeechStreamCache]]:
+        """:meth:`encode_chunk` for several streams in one batch: mels[r] (1, n_mels, t_r) the
+        new frames of stream r, each on its own cache. -> per stream (1, k_r, d_llm) and its
+        new cache, as :meth:`encode_chunk` gives it alone (up to rounding)."""
+        enc = self.encoder.forward_chunks([m.to(self.device, torch.float32) for m in mels], [c.encoder for c in caches], finals)
+        xs, adas = [], []
+        for (x, _), c in zip(enc, caches):
+            x, conv_state = self.down_sample_2.forward_chunk(x, c.adapter.conv)
+            xs.append(x)
+            adas.append(replace(c.adapter, conv=conv_state))
+        block = caches[0].encoder.chunk_size // 4 if caches else 1  # one encoder chunk = one adapter block
+        out = self.speech_transformer.forward_chunks(xs, adas, block)
+        return [(self.speech_llama_proj(y), SpeechStreamCache(e, a)) for (y, a), (_, e) in zip(out, enc)]
+
     # ---- the splice -------------------------------------------------------------------
 
     def boundary_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:

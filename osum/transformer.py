@@ -8,6 +8,7 @@ cache goes in and the grown cache comes back out, as in WeNet's ``forward_chunk`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,10 @@ __all__ = [
     "TransformerLayer",
     "chunk_mask",
     "forward_block",
+    "forward_blocks",
     "padding_mask",
     "sinusoids",
+    "stream_blocks",
 ]  # fmt: skip
 
 
@@ -98,11 +101,13 @@ class MultiHeadAttention(nn.Module):
         self.linear_v = nn.Linear(d_model, d_model)
         self.linear_out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KV | None) -> tuple[torch.Tensor, KV | None]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KV | list[KV] | None) -> tuple[torch.Tensor, KV | list[KV] | None]:
         """x: (B, T, d); mask: bool (B|1, 1, T, S), True = attend.
 
         Without a cache the frames attend among themselves (mask applies). With one, they
         attend to its S0 cached frames and to themselves, and the grown cache is returned.
+        With a list (one single-row cache per row: rows of different streams, each with its
+        own history) row b attends to its own cached frames and itself; ``mask`` must be None.
         """
         B, T, d = x.shape
         h = self.n_heads
@@ -111,11 +116,29 @@ class MultiHeadAttention(nn.Module):
             return t.view(B, T, h, d // h).transpose(1, 2)  # (B, h, T, hd)
 
         q, k, v = heads(self.linear_q(x)), heads(self.linear_k(x)), heads(self.linear_v(x))
-        if cache is not None:
+        if isinstance(cache, list):
+            cache = [c.append(k[b : b + 1], v[b : b + 1]) for b, c in enumerate(cache)]
+            k, v, mask = _stack_windows(cache)
+        elif cache is not None:
             cache = cache.append(k, v)
             k, v = cache.window()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, T, hd)
         return self.linear_out(y.transpose(1, 2).reshape(B, T, d)), cache
+
+
+def _stack_windows(caches: list[KV]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows' windows (1, h, S_b, hd) -> right-padded (B, h, max S, hd) keys and values and
+    the (B, 1, 1, max S) mask of each row's own frames."""
+    wins = [c.window() for c in caches]
+    S = max(k.shape[2] for k, _ in wins)
+    k0 = wins[0][0]
+    keys = k0.new_zeros(len(wins), k0.shape[1], S, k0.shape[3])
+    values = torch.zeros_like(keys)
+    lengths = torch.empty(len(wins), dtype=torch.long)
+    for b, (k, v) in enumerate(wins):
+        keys[b, :, : k.shape[2]], values[b, :, : v.shape[2]] = k[0], v[0]
+        lengths[b] = k.shape[2]
+    return keys, values, padding_mask(lengths.to(k0.device), S)[:, None, None, :]
 
 
 class FeedForward(nn.Module):
@@ -140,8 +163,8 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KV | None = None
-    ) -> tuple[torch.Tensor, KV | None]:
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KV | list[KV] | None = None
+    ) -> tuple[torch.Tensor, KV | list[KV] | None]:
         a, new_cache = self.self_attn(self.norm1(x), mask, cache)
         x = x + a
         return x + self.feed_forward(self.norm2(x)), new_cache
@@ -209,3 +232,62 @@ def forward_block(
         x, kv = layer(x, None, KV() if caches is None else caches[i])
         new.append(kv.trimmed(max_cache))
     return x, new
+
+
+def forward_blocks(
+    layers: nn.ModuleList, x: torch.Tensor, caches: list[list[KV] | None], max_cache: int
+) -> tuple[torch.Tensor, list[list[KV]]]:
+    """:func:`forward_block` for one chunk of each of several streams, in one batch.
+
+    Args:
+        x: shape = (R, T, d), row r the next chunk of stream r (same T for all).
+        caches: per stream, its per-layer caches from earlier chunks (batch 1), or None.
+        max_cache: as for :func:`forward_block`.
+    Returns:
+        (R, T, d) and, per stream, its new per-layer caches: each row exactly what
+        :func:`forward_block` gives that stream alone (up to rounding).
+    """
+    per_layer: list[list[KV]] = []
+    for i, layer in enumerate(layers):
+        x, kvs = layer(x, None, [KV() if c is None else c[i] for c in caches])
+        per_layer.append([kv.trimmed(max_cache) for kv in kvs])
+    return x, [list(row) for row in zip(*per_layer)]
+
+
+def stream_blocks(
+    layers: nn.ModuleList,
+    xs: list[torch.Tensor],
+    caches: list[list[KV] | None],
+    offsets: list[int],
+    block: int,
+    max_cache: int,
+    embed: Callable[[torch.Tensor, int], torch.Tensor],
+) -> tuple[list[torch.Tensor], list[list[KV] | None], list[int]]:
+    """The next frames of several streams through ``layers``, block by block, batched across streams.
+
+    Args:
+        xs: per stream (1, n_r, d): its frames ready for the layers, cut into blocks of
+            ``block`` frames (a shorter last block only at a stream's end).
+        caches, offsets: per stream, its caches (None: none yet) and frames already through.
+        embed: ``embed(x, offset)`` -> the layers' input for frames starting at ``offset``.
+    Returns:
+        per stream its outputs (1, n_r, d), caches and offsets. The j-th blocks of all
+        streams that have a whole one run as one batch; a short last block runs alone.
+    """
+    caches, offsets = list(caches), list(offsets)
+    outs: list[list[torch.Tensor]] = [[] for _ in xs]
+    for start in range(0, max((x.shape[1] for x in xs), default=0), block):
+        full = [r for r, x in enumerate(xs) if x.shape[1] >= start + block]
+        short = [r for r, x in enumerate(xs) if start < x.shape[1] < start + block]
+        groups = ([full] if full else []) + [[r] for r in short]
+        for rows in groups:
+            x = torch.cat([embed(xs[r][:, start : start + block], offsets[r]) for r in rows])
+            if len(rows) == 1:
+                y, new = forward_block(layers, x, caches[rows[0]], max_cache)
+                news = [new]
+            else:
+                y, news = forward_blocks(layers, x, [caches[r] for r in rows], max_cache)
+            for i, r in enumerate(rows):
+                outs[r].append(y[i : i + 1])
+                caches[r], offsets[r] = news[i], offsets[r] + y.shape[1]
+    return [torch.cat(o, dim=1) if o else x[:, :0] for o, x in zip(outs, xs)], caches, offsets

@@ -203,13 +203,11 @@ def _replies(model: OsumModel, reqs: list[AnalysisRequest], results: list[Analys
 
 @torch.inference_mode()
 def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialResult]:
-    """Each session's new chunk through the chunked encoder (its own cache: one call per
-    session, the encoder is small), then each session's hypothesis: on its own LLM cache
-    (CPU, or a lone partial) or all in one batched LLM pass (CUDA)."""
-    chunks = []
-    for r in reqs:
-        new, cache = model.encode_chunk(r.mel[None], r.cache, final=r.final_chunk)
-        chunks.append((torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0], cache))
+    """The sessions' new chunks through the chunked encoder in one batch (each row on its
+    own cache and offset), then each session's hypothesis: on its own LLM cache (CPU, or a
+    lone partial) or all in one batched LLM pass (CUDA)."""
+    encoded = _encode_chunks(model, reqs)
+    chunks = [(torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0], cache) for r, (new, cache) in zip(reqs, encoded)]
     out = [PartialResult(cache, speech, list(r.committed), 0) for r, (speech, cache) in zip(reqs, chunks)]
     rows = [b for b, (speech, _) in enumerate(chunks) if speech.shape[0] > 0]  # no speech frames yet: nothing to decode
     # speech frames run at 12.5 Hz (whisper's 50 Hz / 4); committed tokens are never cut
@@ -229,6 +227,21 @@ def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialRe
                                           [reqs[b].draft for b in rows], [limits[b] for b in rows])  # fmt: skip
         for b, (tokens, _, verified) in zip(rows, decoded):
             out[b].tokens, out[b].verified = tokens, verified
+    return out
+
+
+def _encode_chunks(model: OsumModel, reqs: list[PartialRequest]) -> list[tuple[torch.Tensor, SpeechStreamCache]]:
+    """Each request's new mel frames through the chunked encoder: one batch per encoder
+    chunking (sessions may configure their own chunk size and left context)."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, r in enumerate(reqs):
+        groups.setdefault((r.cache.encoder.chunk_size, r.cache.encoder.left_chunks, r.cache.adapter.left_context), []).append(i)
+    out: list[Any] = [None] * len(reqs)
+    for rows in groups.values():
+        done = model.encode_chunks([reqs[i].mel[None] for i in rows], [reqs[i].cache for i in rows],
+                                   [reqs[i].final_chunk for i in rows])  # fmt: skip
+        for i, res in zip(rows, done):
+            out[i] = res
     return out
 
 

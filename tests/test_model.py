@@ -47,6 +47,38 @@ def test_speech_stream_equals_block_causal_reference(tiny_model, male_clip: np.n
     assert cache.nbytes() > 0
 
 
+@pytest.mark.parametrize("left_chunks", [-1, 2])
+def test_streams_encoded_together_equal_each_alone(tiny_model, male_clip: np.ndarray, left_chunks: int) -> None:  # type: ignore[no-untyped-def]
+    """Several sessions' chunks in one batch (each on its own cache, at its own offset, some
+    with no whole block yet, one ending): each gets what it gets encoded alone."""
+    rng = np.random.default_rng(1)
+    clips = [male_clip, male_clip[4000:] * 0.5, rng.standard_normal(48000).astype(np.float32) * 0.1]
+    mels = [log_mel(c)[None] for c in clips]
+    sizes = [[40, 0, 17, 90, 55, 64], [3, 120, 41, 40, 9, 33], [80, 80, 1, 40, 200, 7]]
+    alone = [tiny_model.init_stream(16, left_chunks) for _ in clips]
+    together = list(alone)
+    pos = [0, 0, 0]
+    with torch.no_grad():
+        for step in range(6):
+            final = [False, False, step == 5]  # the third stream ends at the last step
+            new = []
+            for r in range(3):
+                n = mels[r].shape[2] - pos[r] if final[r] else sizes[r][step]
+                new.append(mels[r][:, :, pos[r] : pos[r] + n])
+                pos[r] += n
+            batched = tiny_model.encode_chunks(new, together, final)
+            blocks = 0
+            for r in range(3):
+                y, alone[r] = tiny_model.encode_chunk(new[r], alone[r], final=final[r])
+                torch.testing.assert_close(batched[r][0], y, atol=1e-5, rtol=1e-5)
+                assert batched[r][1].encoder.offset == alone[r].encoder.offset
+                assert batched[r][1].adapter.offset == alone[r].adapter.offset
+                blocks += y.shape[1]
+            together = [c for _, c in batched]
+            assert blocks > 0 or step == 0
+    assert alone[2].encoder.offset == together[2].encoder.offset > 0
+
+
 def test_stream_cache_is_not_mutated(tiny_model, male_clip: np.ndarray) -> None:  # type: ignore[no-untyped-def]
     """Caches go in and come back out: replaying a chunk from an old cache gives the same output."""
     mel = log_mel(male_clip)[None]
