@@ -19,7 +19,35 @@ from torch import nn
 from .errors import InvalidConfigError
 from .model import SplicedInputs
 
-__all__ = ["DecodingOptions", "Hypothesis", "generate", "score_continuations"]
+__all__ = ["DecodingOptions", "Hypothesis", "first_loop_cut", "generate", "loop_cut", "score_continuations"]
+
+# A runaway loop: one n-gram (n <= 8 tokens) repeated at least 4 times in a row over at least
+# 16 tokens ("decimal, decimal, ..."; a single token 16 times). Spoken repetitions stay well
+# under it ("no, no, no": 3 x 2 tokens; "1,000,000" is ", 0 0 0" twice).
+LOOP_MAX_NGRAM, LOOP_MIN_REPEATS, LOOP_MIN_TOKENS = 8, 4, 16
+
+
+def loop_cut(tokens: list[int], end: int | None = None) -> int | None:
+    """If ``tokens[:end]`` ends in a runaway loop, the length that keeps one copy of its
+    n-gram (what decoding keeps when it stops there); else None."""
+    L = len(tokens) if end is None else end
+    for n in range(1, LOOP_MAX_NGRAM + 1):
+        need = max(LOOP_MIN_REPEATS, -(-LOOP_MIN_TOKENS // n))
+        if L < need * n:
+            break
+        unit = tokens[L - n : L]
+        if all(tokens[L - (i + 1) * n : L - i * n] == unit for i in range(1, need)):
+            return L - (need - 1) * n
+    return None
+
+
+def first_loop_cut(tokens: list[int], start: int = 0) -> int | None:
+    """:func:`loop_cut` at the first length past ``start`` where a loop completes (what
+    token-by-token decoding with the guard would have kept), or None."""
+    for end in range(start + 1, len(tokens) + 1):
+        if (cut := loop_cut(tokens, end)) is not None:
+            return cut
+    return None
 
 
 @dataclass(frozen=True)
@@ -36,6 +64,9 @@ class DecodingOptions:
     seed: int = 777  # OSUM's inference seed; used only when sampling
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0  # beam search: hypothesis score = logprob / len ** length_penalty
+    # greedy and sampling: stop a row that loops (see LOOP_*) and keep one copy of the loop;
+    # a looping LLM otherwise writes until its token budget (OSUM's own decoding has no guard)
+    loop_guard: bool = True
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -166,7 +197,11 @@ def _greedy_or_sample(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOption
             else:
                 hyps[b].tokens.append(t)
                 hyps[b].token_logprobs.append(lp)
-                if len(hyps[b].tokens) >= limits[b]:
+                if opt.loop_guard and (cut := loop_cut(hyps[b].tokens)) is not None:
+                    hyps[b].logprob -= sum(hyps[b].token_logprobs[cut:])
+                    del hyps[b].tokens[cut:], hyps[b].token_logprobs[cut:]
+                    done[b] = True  # a runaway loop: stopped, not finished
+                elif len(hyps[b].tokens) >= limits[b]:
                     done[b] = True  # its budget: stopped, not finished
         done |= tok == eos_id
         if on_step is not None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from osum.audio import log_mel
-from osum.decoding import DecodingOptions, _new_cache, _step, generate, score_continuations
+from osum.decoding import DecodingOptions, _new_cache, _step, first_loop_cut, generate, loop_cut, score_continuations
 from osum.inference import _pad_mels, slot_ids
 from osum.model import OsumModel, SpeechStreamCache
 from osum.tasks import LABELS, STTC_SEPARATOR, get_task
@@ -245,6 +245,26 @@ def _encode_chunks(model: OsumModel, reqs: list[PartialRequest]) -> list[tuple[t
     return out
 
 
+def _verified_prefix(forced: list[int], draft: list[int], verified: int) -> tuple[list[int], bool]:
+    """forced + the accepted draft, cut where a runaway loop completes in it (as token-by-token
+    decoding would have stopped there; never into ``forced``); and whether it was cut."""
+    tokens = forced + draft[:verified]
+    cut = first_loop_cut(tokens, len(forced))
+    return (tokens, False) if cut is None else (tokens[: max(cut, len(forced))], True)
+
+
+def _looped(tokens: list[int], lps: list[float] | None, frozen: int) -> bool:
+    """After appending a token: cut a runaway loop that it completes (never into the first
+    ``frozen`` tokens) and say so: decoding stops there."""
+    cut = loop_cut(tokens)
+    if cut is None:
+        return False
+    del tokens[max(cut, frozen) :]
+    if lps is not None:
+        del lps[max(cut, frozen) :]
+    return True
+
+
 def _accepted(greedy: list[int], draft: list[int], room: int) -> int:
     """How many leading draft tokens equal the greedy choices at their positions (at most ``room``)."""
     n = 0
@@ -280,13 +300,15 @@ def _partial_with_cache(
     logp = _feed(llm, tail, kv, n, keep=len(tail)).log_softmax(-1)  # row i predicts prefix token i
     pred = logp.argmax(-1).tolist()
     verified = _accepted(pred[len(forced) :], draft, max_tokens - len(forced))
-    tokens = forced + draft[:verified]
+    tokens, stop = _verified_prefix(forced, draft, verified)
     if len(prefix) > len(tokens):
         kv.crop(len(tokens) - len(prefix))  # drop the rejected draft (transformers 5: a negative count)
     nxt = pred[len(tokens)]
     eos = model.cfg.eos_token_id
-    while len(tokens) < max_tokens and nxt != eos:
+    while not stop and len(tokens) < max_tokens and nxt != eos:
         tokens.append(nxt)
+        if _looped(tokens, None, len(forced)):
+            break
         step = _feed(llm, table(torch.tensor([nxt], device=dev)), kv, n + len(tokens), keep=1)
         nxt = int(step[-1].argmax())
     if kv.get_seq_length() > n:
@@ -332,11 +354,11 @@ def verify_and_decode_batch(
     mask = inputs.attention_mask.clone()
     pos = inputs.position_ids[:, -1:].clone()
     results: list[tuple[list[int], list[float], int]] = []
-    nxt, nxt_lp = [], []
+    nxt, nxt_lp, stops = [], [], []
     for b in range(B):
         base = P - len(prefixes[b])  # window index predicting the row's first prefix token
         verified = _accepted(pred[b][base + len(forced[b]) :], draft[b], max_tokens[b] - len(forced[b]))
-        tokens = forced[b] + draft[b][:verified]
+        tokens, stopped = _verified_prefix(forced[b], draft[b], verified)
         lps = [float(logp[b, base + i, t]) for i, t in enumerate(tokens)]
         drop = len(prefixes[b]) - len(tokens)
         if drop:
@@ -346,12 +368,15 @@ def verify_and_decode_batch(
         nxt.append(pred[b][j])
         nxt_lp.append(float(logp[b, j].max()))
         results.append((tokens, lps, verified))
-    live = [len(results[b][0]) < max_tokens[b] and nxt[b] != eos for b in range(B)]
+        stops.append(stopped)
+    live = [not stops[b] and len(results[b][0]) < max_tokens[b] and nxt[b] != eos for b in range(B)]
     while any(live):
         for b in range(B):
             if live[b]:
                 results[b][0].append(nxt[b])
                 results[b][1].append(nxt_lp[b])
+                if _looped(results[b][0], results[b][1], len(forced[b])):
+                    live[b] = False
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         pos = pos + 1
         step = _step(model.llm, torch.tensor([[t] for t in nxt], device=dev), mask, pos, kv)[:, -1].log_softmax(-1)
@@ -382,7 +407,7 @@ def verify_and_decode(
     logp = out.logits[0].float().log_softmax(-1)
     pred = logp.argmax(-1).tolist()
     verified = _accepted(pred[len(forced) :], draft, max_tokens - len(forced))
-    tokens = forced + draft[:verified]
+    tokens, stop = _verified_prefix(forced, draft, verified)
     lps = [float(logp[i, t]) for i, t in enumerate(tokens)]
     drop = len(prefix) - len(tokens)  # cached positions after the accepted prefix
     if drop:
@@ -390,9 +415,11 @@ def verify_and_decode(
     nxt, nxt_lp = pred[len(tokens)], float(logp[len(tokens)].max())
     mask = inputs.attention_mask[:, : inputs.attention_mask.shape[1] - drop]
     pos = int(inputs.position_ids[0, -1]) - drop
-    while len(tokens) < max_tokens and nxt != eos:
+    while not stop and len(tokens) < max_tokens and nxt != eos:
         tokens.append(nxt)
         lps.append(nxt_lp)
+        if _looped(tokens, lps, len(forced)):
+            break
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         pos += 1
         step = _step(model.llm, torch.tensor([[nxt]], device=model.device), mask,

@@ -101,3 +101,18 @@ def test_scores_equal_a_full_teacher_forced_pass(tiny_model, male_clip, female_c
 def test_options_are_validated(kwargs: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(InvalidConfigError):
         DecodingOptions(**kwargs)
+
+
+def test_loop_cut_finds_runaway_loops_not_speech() -> None:
+    from osum.decoding import first_loop_cut, loop_cut
+
+    ab = [7, 8] * 8  # "decimal," 8 times: 16 tokens
+    assert loop_cut([1, 2, 3, *ab]) == 5  # keeps one copy
+    assert loop_cut([1, 2, 3, *ab[:-2]]) is None  # 7 times: 14 tokens, not yet
+    assert loop_cut([5] * 16) == 1 and loop_cut([5] * 15) is None  # one token needs 16 in a row
+    phrase = list(range(10, 18))  # an 8-token phrase: 4 times is a loop, 3 times is speech
+    assert loop_cut(phrase * 4) == 8 and loop_cut(phrase * 3) is None
+    assert loop_cut([3, 4, 3, 4, 3, 4]) is None  # "no, no, no"
+    # the first place a loop completes, as token-by-token decoding meets it
+    assert first_loop_cut([9, *ab, 9, 9]) == 3 and first_loop_cut([1, 2, 3]) is None
+    assert first_loop_cut([9, *ab], start=17) is None  # only lengths past start are checked

@@ -77,8 +77,20 @@ def test_runaway_decoding_stops_at_the_audio_token_budget(tiny_model, male_clip:
     from osum.tasks import get_task
 
     short, longer = male_clip[:16000], male_clip[:48000]
-    res = recognize(tiny_model, [short, longer], "asr", DecodingOptions(max_new_tokens=400), score_tags=False)
+    res = recognize(tiny_model, [short, longer], "asr", DecodingOptions(max_new_tokens=400, loop_guard=False), score_tags=False)
     assert [len(r.tokens) for r in res] == [26, 46] and all(r.truncated for r in res)
     assert get_task("asr").token_budget(1.0) == 26 and get_task("sttc").token_budget(1.0) is None
-    capped = recognize(tiny_model, [longer], "asr", DecodingOptions(max_new_tokens=30), score_tags=False)[0]
+    capped = recognize(tiny_model, [longer], "asr", DecodingOptions(max_new_tokens=30, loop_guard=False), score_tags=False)[0]
     assert len(capped.tokens) == 30  # max_new_tokens still applies when smaller
+
+
+def test_loop_guard_cuts_a_looping_model(tiny_model, male_clip: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """The random tiny LLM falls into a loop: unguarded it writes to its budget, guarded it stops
+    where the loop completes and keeps one copy; the guarded output is a prefix of the unguarded."""
+    from osum.decoding import loop_cut
+
+    free = recognize(tiny_model, [male_clip[:48000]], "asr", DecodingOptions(loop_guard=False), score_tags=False)[0]
+    guarded = recognize(tiny_model, [male_clip[:48000]], "asr", DecodingOptions(), score_tags=False)[0]
+    assert loop_cut(free.tokens) is not None or any(loop_cut(free.tokens, e) for e in range(len(free.tokens)))
+    assert len(guarded.tokens) < len(free.tokens) and guarded.truncated
+    assert free.tokens[: len(guarded.tokens)] == guarded.tokens
