@@ -131,3 +131,29 @@ def test_joint_stage_from_a_ctc_run_matches_the_token_embedding_norm(tiny_run, t
     with torch.no_grad():
         s2, _ = unscaled._speech(unscaled.train_items, train=False)
     assert not torch.isclose(s2[valid].norm(dim=-1).mean(), target, rtol=0.05)  # the rescale did it
+
+
+def test_real_weight_shows_real_recordings_more_often(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, model = tiny_run
+    seen = {}
+    for w in (1.0, 50.0):
+        t = _trainer(tmp_path / f"run{w}", replace(cfg, real_weight=w), model)
+        t.train_items[0]["id"] = "real/" + t.train_items[0]["id"]  # one of the 4 training items is a real recording
+        seen[w] = sum(any(it["id"].startswith("real/") for it in t._batch()) for _ in range(400)) / 400
+    assert seen[1.0] < 0.4 and seen[50.0] > 0.85, seen  # uniform: in ~1 batch of 4; weighted: 50 / 53 of batches
+    with pytest.raises(ValueError):
+        replace(cfg, real_weight=0.0)
+
+
+def test_a_stop_request_saves_after_the_current_step(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What SIGTERM / SIGINT do to `python -m osum.train.trainer`: the step in progress is kept."""
+    cfg, model = tiny_run
+    run = tmp_path / "run_stop"
+    t = _trainer(run, replace(cfg, eval_every=100), model)  # no evaluation (and no save) before the stop
+    t.stop_requested = True
+    said: list[str] = []
+    t.train(say=said.append)
+    assert t.step == 1 and "stopped at step 1" in said[-1]
+    t2 = _trainer(run, cfg, model)
+    assert t2.step == 1
+    torch.testing.assert_close(t2.model.speech_llama_proj.weight, t.model.speech_llama_proj.weight)
