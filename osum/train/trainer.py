@@ -436,6 +436,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="train osum-mini (resumes if RUN_DIR/last.pt exists)")
     ap.add_argument("run", type=Path)
     ap.add_argument("--config", type=Path, help="a RunConfig JSON; default: RUN_DIR/config.json or the defaults")
+    ap.add_argument("--reset-best", action="store_true",
+                    help="forget the best held-out WER so far (after changing eval_items: the old figure is on other prompts)")
     args = ap.parse_args()
     root = cache_dir()
     src = args.config or (args.run / "config.json")
@@ -445,6 +447,8 @@ def main() -> None:
     if cfg.init and not Path(cfg.init).is_absolute():  # a run name: a sibling of this run
         cfg = dataclasses.replace(cfg, init=str(args.run.parent / cfg.init))
     trainer = Trainer(args.run, cfg)
+    if args.reset_best:
+        trainer.best_wer = float("inf")
 
     def stop(signum: int, frame: object) -> None:
         trainer.stop_requested = True  # finish the current step, save, exit
