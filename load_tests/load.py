@@ -235,6 +235,8 @@ def start_server(engine: str, model: str, max_sessions: int, profile: Path | Non
 
 
 def main() -> None:
+    from streaming.app import event_loop_factory
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=("null", "model"), default="null")
     ap.add_argument("--model", default="tiny")
@@ -248,7 +250,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     ap.add_argument("--keep-going", action="store_true", help="measure every N, also past the first failure (for plots)")
     ap.add_argument("--profile", type=Path, help="run the server under cProfile, writing here")
-    ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="the server's event loop")
+    ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="the server's and the driver's event loop")
     args = ap.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
     if max(levels) > args.max_sessions:
@@ -262,7 +264,8 @@ def main() -> None:
           f"seconds={args.seconds} cores={os.cpu_count()}\n\n{head}\n|" + "---:|" * 11, flush=True)
     try:
         for i, n in enumerate(levels):
-            r = asyncio.run(run_level(n, port, args.protocol, args.seconds, args.ramp, proc.pid, seed=i))
+            with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:  # the driver: the same loop
+                r = runner.run(run_level(n, port, args.protocol, args.seconds, args.ramp, proc.pid, seed=i))
             s: Stats = r["stats"]
             row = {"n": n, "utterances": s.utterances, "errors": s.errors, "server_cpu": r["server_cpu"], "driver_cpu": r["driver_cpu"],
                    "audio_per_s": s.audio_s / r["wall"]}  # fmt: skip

@@ -203,7 +203,7 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when asked for or (auto) installed; None: asyncio's own."""
     if choice == "asyncio":
         return None
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
             return runner.run(run(args))
     except Exception as e:  # startup failures: one clear line, exit 1
         from osum.errors import OsumError
