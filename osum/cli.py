@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     t.add_argument("--osum-decoding", action="store_true", help="OSUM's released beam-sampling settings (seeded)")
     t.add_argument("--max-new-tokens", type=int, default=400)
+    t.add_argument("--no-loop-guard", action="store_true", help="let a looping hypothesis run to its token budget")
     t.add_argument("--json", action="store_true", help="one JSON object per file")
     pr = sub.add_parser("prepare", help="build a model's pretrained base from packages (osum-mini)")
     pr.add_argument("name", choices=["osum-mini"])
@@ -56,7 +57,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     if args.osum_decoding:
         options = DecodingOptions.osum_paper()
     else:
-        options = DecodingOptions(beam_size=args.beam, max_new_tokens=args.max_new_tokens)
+        options = DecodingOptions(beam_size=args.beam, max_new_tokens=args.max_new_tokens, loop_guard=not args.no_loop_guard)
     t0 = time.perf_counter()
     model = load_model(args.model, args.device, args.quantize)
     logging.getLogger("osum").info("loaded %s in %.1f s", model.cfg.name, time.perf_counter() - t0)

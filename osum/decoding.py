@@ -64,8 +64,9 @@ class DecodingOptions:
     seed: int = 777  # OSUM's inference seed; used only when sampling
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0  # beam search: hypothesis score = logprob / len ** length_penalty
-    # greedy and sampling: stop a row that loops (see LOOP_*) and keep one copy of the loop;
-    # a looping LLM otherwise writes until its token budget (OSUM's own decoding has no guard)
+    # greedy and sampling: stop a row that loops (see LOOP_*) and keep one copy of the loop
+    # (with an on_step callback, which has streamed the tokens, keep them all); a looping LLM
+    # otherwise writes until its token budget (OSUM's own decoding has no guard)
     loop_guard: bool = True
 
     def __post_init__(self) -> None:
@@ -83,7 +84,8 @@ class DecodingOptions:
     @classmethod
     def osum_paper(cls, seed: int = 777) -> DecodingOptions:
         """OSUM's hard-coded ``generate`` settings (beam sampling), with a fixed seed."""
-        return cls(beam_size=4, sample=True, top_k=5, top_p=0.9, temperature=1.0, repetition_penalty=1.05, seed=seed)
+        return cls(beam_size=4, sample=True, top_k=5, top_p=0.9, temperature=1.0, repetition_penalty=1.05, seed=seed,
+                   loop_guard=False)  # fmt: skip
 
 
 @dataclass
@@ -198,8 +200,9 @@ def _greedy_or_sample(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOption
                 hyps[b].tokens.append(t)
                 hyps[b].token_logprobs.append(lp)
                 if opt.loop_guard and (cut := loop_cut(hyps[b].tokens)) is not None:
-                    hyps[b].logprob -= sum(hyps[b].token_logprobs[cut:])
-                    del hyps[b].tokens[cut:], hyps[b].token_logprobs[cut:]
+                    if on_step is None:  # streamed tokens are out already: a streaming caller keeps them
+                        hyps[b].logprob -= sum(hyps[b].token_logprobs[cut:])
+                        del hyps[b].tokens[cut:], hyps[b].token_logprobs[cut:]
                     done[b] = True  # a runaway loop: stopped, not finished
                 elif len(hyps[b].tokens) >= limits[b]:
                     done[b] = True  # its budget: stopped, not finished
