@@ -157,3 +157,42 @@ def test_a_stop_request_saves_after_the_current_step(tiny_run, tmp_path: Path) -
     t2 = _trainer(run, cfg, model)
     assert t2.step == 1
     torch.testing.assert_close(t2.model.speech_llama_proj.weight, t.model.speech_llama_proj.weight)
+
+
+def test_shared_prompt_loss_equals_splicing_each_row(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The joint loss runs each task's prompt once for its rows: same loss and gradients as
+    OSUM's layout, one left-padded row per item (what inference sees)."""
+    import random
+
+    import torch.nn.functional as F
+
+    cfg, model = tiny_run
+    t = _trainer(tmp_path / "run_shared", replace(cfg, stage="joint", time_mask=0.0, tasks={"asr": 0.5, "sgc": 0.5}), model)
+    t.model.eval()  # no dropout: both forms see the same function
+    items = t.train_items[:4]
+    speech, lengths = t._speech(items, train=False)
+    proj = t.model.speech_llama_proj.weight
+
+    def prompts(seed: int) -> set[tuple[int, ...]]:
+        t.rng = random.Random(seed)
+        return {tuple(t._targets(it)[0]) for it in items}
+
+    seed = next(k for k in range(100) if len(prompts(k)) == 2)  # draws with both tasks in the batch
+    t.rng = random.Random(seed)
+    shared = t._llm_loss(speech, lengths, items)
+    (g_shared,) = torch.autograd.grad(shared, proj, retain_graph=True)
+
+    t.rng = random.Random(seed)  # the same task draws
+    pairs = [t._targets(it) for it in items]
+    assert len({tuple(p) for p, _ in pairs}) == 2  # both tasks in the batch: two shared prompts
+    inp = t.model.splice([p for p, _ in pairs], speech, lengths, [y for _, y in pairs])
+    hidden = t.model.llm.model(inputs_embeds=inp.embeds, attention_mask=inp.attention_mask,
+                               position_ids=inp.position_ids).last_hidden_state  # fmt: skip
+    S = hidden.shape[1]
+    rows = [b for b, (_, y) in enumerate(pairs) for _ in y]
+    cols = [c for _, y in pairs for c in range(S - len(y) - 1, S - 1)]
+    labels = torch.tensor([tok for _, y in pairs for tok in y])
+    spliced = F.cross_entropy(t.model.llm.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)]).float(), labels)
+    (g_spliced,) = torch.autograd.grad(spliced, proj)
+    torch.testing.assert_close(shared, spliced, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g_shared, g_spliced, atol=1e-4, rtol=1e-3)
