@@ -294,15 +294,18 @@ class Trainer:
         groups: dict[tuple[int, ...], list[int]] = {}
         for b, (prompt, _) in enumerate(pairs):
             groups.setdefault(tuple(prompt), []).append(b)
-        logits, labels = [], []
+        hidden, labels = [], []
         for prompt, rows in groups.items():
-            lg, lb = self._shared_prompt_logits(list(prompt), [speech[b, : int(lengths[b])] for b in rows],
-                                                [pairs[b][1] for b in rows])  # fmt: skip
-            logits.append(lg)
+            h, lb = self._shared_prompt_hidden(list(prompt), [speech[b, : int(lengths[b])] for b in rows],
+                                               [pairs[b][1] for b in rows])  # fmt: skip
+            hidden.append(h)
             labels += lb
-        return F.cross_entropy(torch.cat(logits), torch.tensor(labels, device=self.device))
+        logits = self.model.llm.lm_head(torch.cat(hidden)).float()  # one pass over the 152k-word output layer
+        return F.cross_entropy(logits, torch.tensor(labels, device=self.device))
 
-    def _shared_prompt_logits(self, prompt: list[int], speech: list[torch.Tensor], targets: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    def _shared_prompt_hidden(self, prompt: list[int], speech: list[torch.Tensor], targets: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """The LLM's last hidden states (n, d) at the positions that predict ``targets``
+        (rows sharing ``prompt``), and those n target ids."""
         from ..decoding import _new_cache
 
         m, dev = self.model, self.device
@@ -329,8 +332,7 @@ class Trainer:
             rows += [b] * len(t)
             cols += list(range(len(q) - len(t) - 1, len(q) - 1))
             labels += t
-        h = hidden[torch.tensor(rows), torch.tensor(cols)]
-        return llm.lm_head(h).float(), labels
+        return hidden[torch.tensor(rows), torch.tensor(cols)], labels
 
     # ---- loop -------------------------------------------------------------------------
 
