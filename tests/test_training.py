@@ -141,6 +141,11 @@ def test_real_weight_shows_real_recordings_more_often(tiny_run, tmp_path: Path) 
         t.train_items[0]["id"] = "real/" + t.train_items[0]["id"]  # one of the 4 training items is a real recording
         seen[w] = sum(any(it["id"].startswith("real/") for it in t._batch()) for _ in range(400)) / 400
     assert seen[1.0] < 0.4 and seen[50.0] > 0.85, seen  # uniform: in ~1 batch of 4; weighted: 50 / 53 of batches
+    # ... for its voice, not its tags: a real item gets a tagged task 1/50 as often (0.4 / 50)
+    real, synthetic = t.train_items[0], t.train_items[1]
+    sgc = {name: sum(len(t._targets(it)[1]) > len(t.tok.encode(it["text"])) + 1 for _ in range(2000)) / 2000
+           for name, it in (("real", real), ("synthetic", synthetic))}  # fmt: skip
+    assert sgc["real"] < 0.03 and 0.33 < sgc["synthetic"] < 0.47, sgc
     with pytest.raises(ValueError):
         replace(cfg, real_weight=0.0)
 

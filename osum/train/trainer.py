@@ -279,6 +279,14 @@ class Trainer:
         from ..inference import slot_ids
 
         names, weights = zip(*self.cfg.tasks.items())
+        tagged = [(n, w) for n, w in zip(names, weights) if get_task(n).tags]
+        plain = [(n, w) for n, w in zip(names, weights) if not get_task(n).tags]
+        if item["id"].startswith("real/") and self.cfg.real_weight != 1.0 and tagged and plain:
+            # real recordings come real_weight times as often for their voices, not for their tags
+            # (the one real speaker is female: weighting her tags up would teach "real = female"):
+            # a tagged task with 1/real_weight of its usual chance, so as many tagged examples as before
+            p_tag = min(1.0, sum(w for _, w in tagged) / sum(weights) / self.cfg.real_weight)
+            names, weights = zip(*(tagged if self.rng.random() < p_tag else plain))
         task = get_task(self.rng.choices(names, weights)[0])
         target = self.tok.encode(item["text"], add_special_tokens=False)
         for slot, kind in enumerate(task.tags):
