@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig
-from .transformer import KV, TransformerLayer, chunk_mask, forward_block, padding_mask, sinusoids, stream_blocks
+from .transformer import KV, TransformerLayer, chunk_mask, padding_mask, sinusoids, stream_blocks
 
 __all__ = ["AdapterCache", "CausalConvSubsampling4", "SpeechTransformer", "subsampled_length"]
 
@@ -124,20 +124,12 @@ class SpeechTransformer(nn.Module):
             x, _ = layer(x, mask)
         return self.after_norm(x)
 
-    def forward_chunk(self, x: torch.Tensor, cache: AdapterCache) -> tuple[torch.Tensor, AdapterCache]:
-        """One block (B, t, d): attends to itself and the cached frames."""
-        if x.shape[1] == 0:
-            return x, cache
-        y = self.embed(x, cache.offset)
-        y, kv = forward_block(self.encoders, y, cache.kv or None, cache.left_context)
-        return self.after_norm(y), replace(cache, offset=cache.offset + x.shape[1], kv=kv)
-
     def forward_chunks(
         self, xs: list[torch.Tensor], caches: list[AdapterCache], block: int
     ) -> list[tuple[torch.Tensor, AdapterCache]]:
-        """Several streams' next frames (each (1, t_r, d), whole blocks of ``block`` frames
-        but at a stream's end), block by block as :meth:`forward_chunk`, batched across
-        streams. The streams must share ``left_context``."""
+        """Streams' next frames (each (1, t_r, d), or one stream of several rows), whole blocks
+        of ``block`` frames but at a stream's end; each block attends to itself and its
+        stream's cached frames. Batched across streams, which must share ``left_context``."""
         if len({c.left_context for c in caches}) > 1:
             raise ValueError("streams batched together must share left_context")
         if not caches:

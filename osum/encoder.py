@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import EncoderConfig
 from .errors import AudioTooLongError, InvalidConfigError
-from .transformer import KV, TransformerLayer, chunk_mask, forward_block, padding_mask, sinusoids, stream_blocks
+from .transformer import KV, TransformerLayer, chunk_mask, padding_mask, sinusoids, stream_blocks
 
 __all__ = ["EncoderCache", "WhisperEncoder", "encoded_length"]
 
@@ -142,32 +142,18 @@ class WhisperEncoder(nn.Module):
             the newly encoded frames (B, k, d), k a multiple of ``chunk_size`` unless final,
             and the new cache.
         """
-        conv, cache = self._conv_chunk(mel, cache, final)
-        pending = conv if cache.pending is None else torch.cat([cache.pending, conv], dim=1)
-        C = cache.chunk_size
-        n_ready = pending.shape[1] if final else pending.shape[1] // C * C
-        if cache.offset + n_ready > self.cfg.n_ctx:
-            raise AudioTooLongError(f"stream exceeds the encoder's {self.cfg.n_ctx} positions (30 s)")
-        max_cache = -1 if cache.left_chunks < 0 else cache.left_chunks * C
-        outs, kv, offset = [], cache.kv or None, cache.offset
-        for start in range(0, n_ready, C):
-            x = pending[:, start : start + C]
-            x = x + self.embed.pos_enc.pe[:, offset : offset + x.shape[1]].to(x.dtype)
-            x, kv = forward_block(self.encoders, x, kv, max_cache)
-            outs.append(self.after_norm(x))
-            offset += x.shape[1]
-        out = torch.cat(outs, dim=1) if outs else pending[:, :0]
-        return out, replace(cache, pending=pending[:, n_ready:], offset=offset, kv=kv or [])
+        return self.forward_chunks([mel], [cache], [final])[0]
 
     def forward_chunks(
         self, mels: list[torch.Tensor], caches: list[EncoderCache], finals: list[bool]
     ) -> list[tuple[torch.Tensor, EncoderCache]]:
-        """:meth:`forward_chunk` for several streams at once (each mel (1, n_mels, t_r)).
+        """:meth:`forward_chunk` for several streams at once (each mel (1, n_mels, t_r); one
+        stream alone may have several rows).
 
         The conv front end runs per stream (it is cheap); the transformer layers run the
-        streams' blocks as one batch, each row on its own cache and positions. Every stream
-        gets what :meth:`forward_chunk` gives it alone (up to rounding). The streams must
-        share ``chunk_size`` and ``left_chunks``.
+        streams' blocks as one batch, each row on its own cache and positions
+        (:func:`~osum.transformer.stream_blocks`). Every stream gets what it gets alone (up to
+        rounding). The streams must share ``chunk_size`` and ``left_chunks``.
         """
         if len({(c.chunk_size, c.left_chunks) for c in caches}) > 1:
             raise ValueError("streams batched together must share chunk_size and left_chunks")

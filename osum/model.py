@@ -162,23 +162,14 @@ class OsumModel(nn.Module):
         Each whole encoder chunk gives ``chunk_size / 4`` speech embeddings that attend to
         themselves and earlier chunks only (see :mod:`osum.encoder`).
         """
-        x, enc_cache = self.encoder.forward_chunk(mel.to(self.device, torch.float32), cache.encoder, final)
-        x, conv_state = self.down_sample_2.forward_chunk(x, cache.adapter.conv)
-        ada = replace(cache.adapter, conv=conv_state)
-        block = enc_cache.chunk_size // 4  # one encoder chunk = one adapter block
-        outs = []
-        for start in range(0, x.shape[1], block):
-            y, ada = self.speech_transformer.forward_chunk(x[:, start : start + block], ada)
-            outs.append(y)
-        x = torch.cat(outs, dim=1) if outs else x
-        return self.speech_llama_proj(x), SpeechStreamCache(enc_cache, ada)
+        return self.encode_chunks([mel], [cache], [final])[0]
 
     def encode_chunks(
         self, mels: list[torch.Tensor], caches: list[SpeechStreamCache], finals: list[bool]
     ) -> list[tuple[torch.Tensor, SpeechStreamCache]]:
         """:meth:`encode_chunk` for several streams in one batch: mels[r] (1, n_mels, t_r) the
-        new frames of stream r, each on its own cache. -> per stream (1, k_r, d_llm) and its
-        new cache, as :meth:`encode_chunk` gives it alone (up to rounding)."""
+        new frames of stream r, each on its own cache (one stream alone may have several
+        rows). -> per stream (1, k_r, d_llm) and its new cache, as it gets alone (up to rounding)."""
         enc = self.encoder.forward_chunks([m.to(self.device, torch.float32) for m in mels], [c.encoder for c in caches], finals)
         xs, adas = [], []
         for (x, _), c in zip(enc, caches):

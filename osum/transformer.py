@@ -267,13 +267,16 @@ def stream_blocks(
 
     Args:
         xs: per stream (1, n_r, d): its frames ready for the layers, cut into blocks of
-            ``block`` frames (a shorter last block only at a stream's end).
+            ``block`` frames (a shorter last block only at a stream's end). A stream on its
+            own may have several rows (B, n, d) that share one history.
         caches, offsets: per stream, its caches (None: none yet) and frames already through.
         embed: ``embed(x, offset)`` -> the layers' input for frames starting at ``offset``.
     Returns:
         per stream its outputs (1, n_r, d), caches and offsets. The j-th blocks of all
         streams that have a whole one run as one batch; a short last block runs alone.
     """
+    if len(xs) > 1 and any(x.shape[0] != 1 for x in xs):
+        raise ValueError("streams batched together must have one row each")
     caches, offsets = list(caches), list(offsets)
     outs: list[list[torch.Tensor]] = [[] for _ in xs]
     for start in range(0, max((x.shape[1] for x in xs), default=0), block):
@@ -288,6 +291,6 @@ def stream_blocks(
             else:
                 y, news = forward_blocks(layers, x, [caches[r] for r in rows], max_cache)
             for i, r in enumerate(rows):
-                outs[r].append(y[i : i + 1])
+                outs[r].append(y if len(rows) == 1 else y[i : i + 1])
                 caches[r], offsets[r] = news[i], offsets[r] + y.shape[1]
     return [torch.cat(o, dim=1) if o else x[:, :0] for o, x in zip(outs, xs)], caches, offsets

@@ -259,9 +259,10 @@ def _looped(tokens: list[int], lps: list[float] | None, frozen: int) -> bool:
     cut = loop_cut(tokens)
     if cut is None:
         return False
-    del tokens[max(cut, frozen) :]
+    keep = max(cut, frozen)
+    del tokens[keep:]
     if lps is not None:
-        del lps[max(cut, frozen) :]
+        del lps[keep:]
     return True
 
 

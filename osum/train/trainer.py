@@ -297,50 +297,40 @@ class Trainer:
         """Mean cross-entropy of the ASR+X targets through the LLM: [prompt, speech-begin, speech,
         speech-end, targets] per row, as :meth:`OsumModel.splice` lays it out. Rows that share a
         prompt (a task) run the prompt once and share its keys and values (~1/5 of the tokens of a
-        batch of 8 otherwise); the rest is right-padded after it. Same loss as splicing each row."""
+        batch of 8 otherwise); the rest of each row is spliced after it. Same loss as splicing
+        each row whole."""
         pairs = [self._targets(it) for it in items]
         groups: dict[tuple[int, ...], list[int]] = {}
         for b, (prompt, _) in enumerate(pairs):
             groups.setdefault(tuple(prompt), []).append(b)
         hidden, labels = [], []
         for prompt, rows in groups.items():
-            h, lb = self._shared_prompt_hidden(list(prompt), [speech[b, : int(lengths[b])] for b in rows],
-                                               [pairs[b][1] for b in rows])  # fmt: skip
-            hidden.append(h)
-            labels += lb
+            targets = [pairs[b][1] for b in rows]
+            hidden.append(self._shared_prompt_hidden(list(prompt), speech[rows], lengths[rows], targets))
+            labels += [t for ts in targets for t in ts]
         logits = self.model.llm.lm_head(torch.cat(hidden)).float()  # one pass over the 152k-word output layer
         return F.cross_entropy(logits, torch.tensor(labels, device=self.device))
 
-    def _shared_prompt_hidden(self, prompt: list[int], speech: list[torch.Tensor], targets: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
-        """The LLM's last hidden states (n, d) at the positions that predict ``targets``
-        (rows sharing ``prompt``), and those n target ids."""
+    def _shared_prompt_hidden(self, prompt: list[int], speech: torch.Tensor, lengths: torch.Tensor,
+                              targets: list[list[int]]) -> torch.Tensor:  # fmt: skip
+        """The LLM's last hidden states at the positions that predict ``targets`` (all rows'
+        in order, (n, d)), for rows that share ``prompt``."""
         from ..decoding import _new_cache
 
         m, dev = self.model, self.device
-        llm, dt = m.llm, m.llm_dtype
-        table = llm.get_input_embeddings()
-        begin, end = (e.to(dt) for e in m.boundary_embeddings())
-        G, P = len(speech), len(prompt)
+        llm, G, P = m.llm, len(targets), len(prompt)
         kv = _new_cache(llm)
-        llm.model(inputs_embeds=table(torch.tensor([prompt], device=dev)), position_ids=torch.arange(P, device=dev)[None],
-                  cache=kv, use_cache=True)  # fmt: skip
+        llm.model(inputs_embeds=llm.get_input_embeddings()(torch.tensor([prompt], device=dev)),
+                  position_ids=torch.arange(P, device=dev)[None], cache=kv, use_cache=True)  # fmt: skip
         kv.batch_repeat_interleave(G)  # (1, ...) -> (G, ...), gradients summed back into the one prompt pass
-        seqs = [torch.cat([begin[None], x.to(dt), end[None], table(torch.tensor(t, device=dev))]) for x, t in zip(speech, targets)]
-        L = max(len(x) for x in seqs)
-        x = seqs[0].new_zeros(G, L, seqs[0].shape[-1])
-        mask = torch.zeros(G, P + L, dtype=torch.long, device=dev)
-        mask[:, :P] = 1
-        for b, q in enumerate(seqs):
-            x[b, : len(q)] = q
-            mask[b, P : P + len(q)] = 1
-        pos = torch.arange(P, P + L, device=dev)[None].expand(G, -1)
-        hidden = llm.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True).last_hidden_state
-        rows, cols, labels = [], [], []
-        for b, (q, t) in enumerate(zip(seqs, targets)):  # row b's targets are its last len(t) positions
-            rows += [b] * len(t)
-            cols += list(range(len(q) - len(t) - 1, len(q) - 1))
-            labels += t
-        return hidden[torch.tensor(rows), torch.tensor(cols)], labels
+        rest = m.splice([[] for _ in range(G)], speech, lengths, targets)  # [speech-begin, speech, speech-end, targets]
+        mask = torch.cat([rest.attention_mask.new_ones(G, P), rest.attention_mask], dim=1)
+        hidden = llm.model(inputs_embeds=rest.embeds, attention_mask=mask, position_ids=rest.position_ids + P,
+                           cache=kv, use_cache=True).last_hidden_state  # fmt: skip
+        S = hidden.shape[1]  # rows end at S: each row's targets are its last len(t) positions
+        rows = [b for b, t in enumerate(targets) for _ in t]
+        cols = [c for t in targets for c in range(S - len(t) - 1, S - 1)]
+        return hidden[torch.tensor(rows), torch.tensor(cols)]
 
     # ---- loop -------------------------------------------------------------------------
 
