@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-MODEL ?= tiny
+MODEL ?= osum-mini
 
 # Debian packages the tests use: real speech with transcripts (Asterisk's English prompts), Redis,
 # and Chromium with its WebDriver for the browser page test
@@ -23,7 +23,7 @@ serve: $(VENV)/.installed $(VENV)/.system
 	$(BIN)/osum-serve --model $(MODEL)
 
 demo: $(VENV)/.installed
-	$(BIN)/osum transcribe osum/assets/arctic_a0007.wav --model $(MODEL) --task asr+age+gender --max-new-tokens 40
+	$(BIN)/osum transcribe osum/assets/arctic_a0007.wav --model $(MODEL) --task asr --max-new-tokens 60
 
 $(VENV)/.system:
 	@missing=""; for p in $(APT_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -41,6 +41,7 @@ __all__ = [
     "cache_dir",
     "convert_osum_state_dict",
     "create_tiny_model",
+    "describe_card",
     "load_model",
     "load_osum_checkpoint",
     "merge_lora",
@@ -235,8 +236,9 @@ def _base_with_overlay(base: Path, overlay: Path, device: str | torch.device, qu
     if not overlay.is_file():
         raise ModelNotFoundError(f"no trained weights for {base.name} at {overlay}")
     cfg = OsumConfig.load(base / "config.json")
-    card = overlay.with_suffix(".json")
-    tasks = json.loads(card.read_text()).get("supported_tasks") if card.is_file() else ["asr"]
+    card_path = overlay.with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else None
+    tasks = card.get("supported_tasks") if card is not None else ["asr"]
     # weights without a card (a training run's interim best.safetensors) claim only transcription:
     # no tag is served that nobody measured
     cfg = replace(cfg, supported_tasks=tuple(tasks) if tasks is not None else None)
@@ -253,7 +255,21 @@ def _base_with_overlay(base: Path, overlay: Path, device: str | torch.device, qu
     sd = merge_lora(sd, pairs, cfg.lora_scale)
     model = _build_with_weights(cfg, sd, f"{base} + {overlay.name}")
     model.tokenizer = load_tokenizer(base)
+    model.card = card
     return model.place(device, quantize)
+
+
+def describe_card(card: dict | None) -> str:
+    """One line on what trained weights measured, for logs and ``osum info``."""
+    if card is None:
+        return "no model card: interim weights, transcription only, accuracy unmeasured"
+    src = card.get("source") or {}
+    m = card.get("measured")
+    head = f"run {src.get('run', '?')} step {src.get('step', '?')}; serves {', '.join(card.get('supported_tasks') or [])}"
+    if not m:
+        return f"{head}; not measured yet"
+    return (f"{head}; held-out WER {m['wer']:.1%} (Whisper base {m['whisper_base_wer']:.1%}, "
+            f"{m['prompts']} real prompts), gender {m['gender_macro']:.1%} macro, measured {m['date']}")  # fmt: skip
 
 
 @contextlib.contextmanager

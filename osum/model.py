@@ -66,6 +66,8 @@ class OsumModel(nn.Module):
         self.speech_token_emded = nn.Embedding(cfg.speech_token_num + 2, cfg.llm_dim)
         self.llm = llm if llm is not None else build_llm(cfg)
         self.tokenizer: Any = None  # set by osum.loading
+        # trained osum-mini weights: their model card (source, measured results; osum/train/export.py)
+        self.card: dict | None = None
         self.quantized: str | None = None  # "int8" after quantize_llm()
 
     # ---- devices and dtypes ----------------------------------------------------------
@@ -93,31 +95,25 @@ class OsumModel(nn.Module):
         return self.eval()
 
     def quantize_llm(self) -> OsumModel:
-        """int8 weights for the LLM's linear layers (PyTorch's dynamic quantisation: weights
-        int8 with a scale per output channel, activations quantised per call). CPU only. Decoding is memory-bound
-        on CPU, so this is ~3x faster per step and ~4x smaller for those layers (osum-mini,
-        2 cores: 130 -> 40 ms a step; docs/osum-mini.md). The embedding table stays fp32.
-        Layer by layer, so a bf16 LLM never exists in fp32 all at once. Results can differ
+        """int8 for the LLM's linear layers on CPU (:mod:`osum.int8`: fbgemm's kernel, weights
+        int8 with a scale per output channel, activations int8 with a scale per token, so a
+        token's result never depends on the rest of its batch). Decoding is memory-bound on
+        CPU, so this is ~3x faster per step and ~4x smaller for those layers (osum-mini,
+        2 cores: 130 -> ~40 ms a step; docs/osum-mini.md). The embedding table stays fp32.
+        Layer by layer, so a bf16 LLM never exists in fp32 all at once. Results differ
         slightly from the unquantised model: measure before relying on it.
         """
         if self.device.type != "cpu":
             raise InvalidConfigError("int8 quantisation is for CPU; on CUDA the LLM runs in bf16")
-        import gc
-        import warnings
-
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        from .int8 import quantize_linears
 
         llm = self.llm
-        spec = {nn.Linear: per_channel_dynamic_qconfig}  # a scale per output row: per tensor cost ~9 WER points
-        with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated for torchao, still supported
-            warnings.simplefilter("ignore")
-            for layer in llm.model.layers:
-                quantize_dynamic(layer.float(), spec, inplace=True)
-            for part in (llm.model.embed_tokens, llm.model.norm, llm.model.rotary_emb, llm.lm_head):
-                part.float()
-            quantize_dynamic(llm, spec, inplace=True)  # the output layer
+        for layer in llm.model.layers:
+            quantize_linears(layer.float())
+        for part in (llm.model.embed_tokens, llm.model.norm, llm.model.rotary_emb):
+            part.float()
+        llm.lm_head = quantize_linears(nn.ModuleList([llm.lm_head.float()]))[0]  # the output layer
         self.quantized = "int8"
-        gc.collect()
         _malloc_trim()  # hand the freed float weights back to the OS (glibc keeps them otherwise)
         return self
 

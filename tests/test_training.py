@@ -201,3 +201,42 @@ def test_shared_prompt_loss_equals_splicing_each_row(tiny_run, tmp_path: Path) -
     (g_spliced,) = torch.autograd.grad(spliced, proj)
     torch.testing.assert_close(shared, spliced, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g_shared, g_spliced, atol=1e-4, rtol=1e-3)
+
+
+def test_export_ships_fp16_weights_with_a_card_that_claims_only_transcription(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The shipped overlay: fp16, loads to what training produced (fp16 rounding aside), and its
+    card names the run and step and serves transcription only until `evaluate --card` measures it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from osum.errors import CheckpointError
+    from osum.loading import describe_card, load_base_with_overlay
+    from osum.train.export import export_overlay
+
+    cfg, model = tiny_run
+    cfg = replace(cfg, stage="joint", steps=3, eval_every=3, lr_lora=1e-2)
+    run = tmp_path / "run"
+    t = _trainer(run, cfg, model)
+    t.train(say=lambda s: None)
+    out = tmp_path / "ship" / "osum-mini.safetensors"
+    card = export_overlay(run, out)
+    assert card["supported_tasks"] == ["asr"] and card["source"]["step"] == 3 and card["measured"] is None
+    with safe_open(str(out), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert out.stat().st_size < (run / "best.safetensors").stat().st_size * 0.6
+
+    base = Path(cfg.base)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.startswith(("encoder.", "llm."))}, str(base / "base.safetensors"))
+    PRESETS["tiny"].save(base / "config.json")
+    loaded = load_base_with_overlay(base, out)
+    assert loaded.cfg.supported_tasks == ("asr",) and loaded.card == card
+    assert "step 3" in describe_card(loaded.card) and "not measured" in describe_card(loaded.card)
+    assert loaded.speech_llama_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.speech_llama_proj.weight, t.model.speech_llama_proj.weight.detach(), atol=1e-3, rtol=1e-3)
+
+    # a tensor fp16 cannot hold is refused, not silently turned into inf
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file({"speech_llama_proj.weight": torch.full((2, 2), 1e6)}, str(bad / "best.safetensors"))
+    with pytest.raises(CheckpointError, match="fp16"):
+        export_overlay(bad, tmp_path / "bad.safetensors")

@@ -391,7 +391,8 @@ class Trainer:
                     self.best_wer = rec["wer"]
                     from safetensors.torch import save_file
 
-                    save_file({k: v.contiguous() for k, v in overlay_state_dict(self.model).items()}, str(self.run / "best.safetensors"))
+                    save_file({k: v.contiguous() for k, v in overlay_state_dict(self.model).items()}, str(self.run / "best.safetensors"),
+                              metadata={"step": str(self.step), "wer": f"{rec['wer']:.4f}"})  # fmt: skip
                 self._save()
                 self.model.train()
                 self.model.encoder.eval()

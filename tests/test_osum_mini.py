@@ -1,0 +1,187 @@
+"""osum-mini with its shipped weights (osum/weights/) on held-out real speech.
+
+The first run installs and converts the base (see test_osum_mini_base.py). The WER bound
+guards the shipped weights against regressions; it is not issue 3's target (at most 1.25 x
+Whisper base's WER), which the shipped weights do not meet yet: their measured figures on all
+100 held-out prompts are in their card (osum/weights/osum-mini.json) and docs/osum-mini.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from osum.audio import load_audio
+from osum.decoding import DecodingOptions
+from osum.errors import UnsupportedTaskError
+from osum.inference import recognize
+from osum.loading import MINI_OVERLAY
+from osum.train.data import is_test, real_prompts
+from osum.train.metrics import wer
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en").is_dir(), reason="Asterisk's English prompts not installed"),
+]
+CACHE = Path(os.environ.get("OSUM_TEST_CACHE", Path.home() / ".cache" / "osum"))
+N_CLIPS = 12
+# Per clip, WER capped at 100 % and averaged, so that one runaway hypothesis (the interim
+# weights loop on some long menu prompts) cannot decide the test alone. On these 12 clips the
+# shipped weights (run mini-joint2, step 1,100, int8) score 42.9 %, 1 clip exact (2026-11-25;
+# such figures move by several points with numerically tiny changes to the int8 arithmetic at
+# this stage of training, docs/osum-mini.md); Whisper base scores 3.8 % WER. Broken weights or loading score
+# near 100 %.
+CAPPED_WER_BOUND = 0.55
+
+
+@pytest.fixture(scope="module")
+def mini():  # type: ignore[no-untyped-def]
+    from osum.loading import load_base_with_overlay
+    from osum.prepare import prepare_osum_mini
+
+    base = prepare_osum_mini(CACHE, install=True)
+    return load_base_with_overlay(base, MINI_OVERLAY, quantize=True)  # as `osum-serve` runs it on CPU
+
+
+@pytest.fixture(scope="module")
+def mini_fp32():  # type: ignore[no-untyped-def]
+    from osum.loading import load_base_with_overlay
+    from osum.prepare import prepare_osum_mini
+
+    return load_base_with_overlay(prepare_osum_mini(CACHE, install=True), MINI_OVERLAY, quantize=False)
+
+
+@pytest.fixture(scope="module")
+def held_out() -> list[tuple[np.ndarray, str]]:
+    clips = [p for p in real_prompts() if is_test(p)][:N_CLIPS]
+    return [(load_audio(p.path), p.text) for p in clips]
+
+
+def test_shipped_weights_transcribe_held_out_real_speech(mini, held_out) -> None:  # type: ignore[no-untyped-def]
+    hyps = [recognize(mini, [a], "asr", DecodingOptions(max_new_tokens=120), score_tags=False)[0].transcript or "" for a, _ in held_out]
+    per_clip = [min(1.0, wer([t], [h])) for (_, t), h in zip(held_out, hyps)]
+    score = sum(per_clip) / len(per_clip)
+    print(f"capped per-clip WER {score:.1%}, exact {per_clip.count(0.0)} of {len(per_clip)}")
+    assert score <= CAPPED_WER_BOUND, f"{score:.1%} on {N_CLIPS} held-out clips: {list(zip(hyps, [t for _, t in held_out]))}"
+    assert per_clip.count(0.0) >= 1
+
+
+def test_shipped_weights_claim_only_what_was_measured(mini, held_out) -> None:  # type: ignore[no-untyped-def]
+    """The card serves transcription only: gender was measured at chance on held-out speakers,
+    and emotion, style, events, age and chat have no honest data here."""
+    assert mini.card is not None and mini.card["measured"] is not None
+    assert mini.cfg.supported_tasks == tuple(mini.card["supported_tasks"])
+    if mini.card["measured"]["gender_macro"] < 0.95:
+        assert "sgc" not in mini.cfg.supported_tasks
+        with pytest.raises(UnsupportedTaskError):
+            recognize(mini, [held_out[0][0]], "sgc")
+    for task in ("ser", "ssr", "ved", "sap", "sttc"):
+        with pytest.raises(UnsupportedTaskError):
+            recognize(mini, [held_out[0][0]], task)
+
+
+def test_streamed_finals_equal_offline_on_real_speech(mini_fp32, held_out) -> None:  # type: ignore[no-untyped-def]
+    """Two held-out prompts streamed in 100 ms chunks with pauses: each Final equals offline
+    recognition of its samples, partials only grow their committed text, and every tag the
+    session asked for comes back unsupported rather than invented.
+
+    On the fp32 LLM. With int8 the final (a draft verified in one pass) and offline decoding
+    (one token a call) differ by floating-point rounding in attention, which int8 rounding
+    can amplify into a different greedy choice on a close call (docs/streaming.md)."""
+    mini = mini_fp32
+    from streaming.events import Analysis, Final, Partial
+    from streaming.session import Session, SessionConfig
+    from streaming.work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
+
+    sil = np.zeros(16000, np.float32)
+    pair = held_out[6:8]  # two short prompts
+    x = np.concatenate([sil, pair[0][0], sil, sil, pair[1][0], sil])
+    pcm = (np.clip(x, -1, 1) * 32767).astype("<i2")
+    heard = pcm.astype(np.float32) / 32768.0
+    s = Session("s", SessionConfig(tasks=("emotion", "style", "events", "gender")), mini)
+    events = []
+
+    def pump() -> None:
+        while (req := s.next_work()) is not None:
+            if isinstance(req, PartialRequest):
+                res = run_partials(mini, [req])[0]
+            elif isinstance(req, FinalRequest):
+                res = run_finals(mini, [req])[0]
+            else:
+                assert isinstance(req, AnalysisRequest)
+                res = run_analyses(mini, [req])[0]
+            s.apply(req, res)
+        events.extend(s.drain())
+
+    raw = pcm.tobytes()
+    for i in range(0, len(raw), 3200):
+        s.feed(raw[i : i + 3200])
+        pump()
+    s.end_of_stream()
+    pump()
+
+    finals = [e for e in events if isinstance(e, Final)]
+    assert len(finals) == 2
+    for f in finals:
+        seg = heard[round(f.start * 16000) : round(f.end * 16000)]
+        assert f.transcript == recognize(mini, [seg], "asr", score_tags=False)[0].transcript
+    assert wer([t for _, t in pair], [f.transcript for f in finals]) <= 0.5
+    partials = [e for e in events if isinstance(e, Partial)]
+    assert partials
+    for uid in (0, 1):
+        mine = [p for p in partials if p.utterance_id == uid]
+        assert all(b.committed.startswith(a.committed) for a, b in itertools.pairwise(mine))
+    for a in (e for e in events if isinstance(e, Analysis)):
+        assert {k: v.label for k, v in a.tags.items()} == dict.fromkeys(("emotion", "style", "events", "gender"), "unsupported")
+
+
+def test_osum_serve_runs_osum_mini_by_default(held_out) -> None:  # type: ignore[no-untyped-def]
+    """The main job as a user starts it, with no --model: the default osum-mini (prepared on first
+    start, already prepared here) transcribes a held-out prompt over /v1/listen, says in its log
+    which trained weights it serves, and answers a tag it cannot honestly give with "unsupported"."""
+    import asyncio
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    env = dict(os.environ, OSUM_HOME=str(CACHE))
+    proc = subprocess.Popen([sys.executable, "-m", "streaming.app", "--grpc-port", "0", "--ws-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        port = json.loads(line)["ws_port"]
+        audio, text = held_out[6]
+        sil = np.zeros(16000, np.float32)
+
+        async def talk() -> list[dict]:
+            async with connect(f"ws://127.0.0.1:{port}/v1/listen?tasks=emotion", max_size=None) as ws:
+                await ws.send((np.concatenate([sil, audio, sil]) * 32767).astype("<i2").tobytes())
+                await ws.send(json.dumps({"type": "CloseStream"}))
+                msgs = []
+                try:
+                    async for m in ws:
+                        msgs.append(json.loads(m))
+                except ConnectionClosed:
+                    pass
+                return msgs
+
+        msgs = asyncio.run(asyncio.wait_for(talk(), 120))
+        finals = [m for m in msgs if m["type"] == "Results" and m["is_final"]]
+        assert len(finals) == 1 and wer([text], [finals[0]["transcript"]]) <= 0.5, msgs
+        analysis = [m for m in msgs if m["type"] == "Analysis"]
+        assert analysis and analysis[0]["tags"]["emotion"]["label"] == "unsupported"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)  # reads and closes both pipes
+    logs = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    assert any("trained weights: run mini-joint2" in entry.get("msg", "") for entry in logs), logs
