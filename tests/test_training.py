@@ -82,6 +82,12 @@ def test_joint_stage_learns_and_exports_lora(tiny_run, tmp_path: Path) -> None: 
 def test_wer() -> None:
     assert wer(["Press one for sales."], ["press 1 for sales"]) == 0.0
     assert wer(["a b c d"], ["a x c"]) == 0.5
+    from osum.train.metrics import capped_wer, exact_count
+
+    refs, hyps = ["a b", "c d", "e f"], ["a b", "c x", "e f " + "loop " * 20]
+    assert wer(refs, hyps) == 21 / 6  # the runaway dominates the corpus figure
+    assert capped_wer(refs, hyps) == pytest.approx((0 + 0.5 + 1.0) / 3)
+    assert exact_count(refs, hyps) == 1
 
 
 def test_trained_overlay_loads_as_a_model(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .data import normalize
 
-__all__ = ["wer", "edit_distance"]
+__all__ = ["capped_wer", "edit_distance", "exact_count", "wer"]
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
@@ -25,3 +25,15 @@ def wer(refs: list[str], hyps: list[str]) -> float:
         errors += edit_distance(rw, hw)
         words += len(rw)
     return errors / max(words, 1)
+
+
+def capped_wer(refs: list[str], hyps: list[str]) -> float:
+    """Mean per-utterance WER, each capped at 100 %: one runaway hypothesis (hundreds of
+    inserted words) cannot dominate it as it dominates the corpus WER of a weak model."""
+    per = [min(1.0, wer([r], [h])) for r, h in zip(refs, hyps, strict=True)]
+    return sum(per) / max(len(per), 1)
+
+
+def exact_count(refs: list[str], hyps: list[str]) -> int:
+    """Utterances transcribed without a word error (after normalisation)."""
+    return sum(wer([r], [h]) == 0.0 for r, h in zip(refs, hyps, strict=True))

@@ -411,7 +411,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """WER on held-out real speech: greedy CTC (ctc stage) or LLM greedy decoding (joint)."""
-        from .metrics import wer
+        from .metrics import capped_wer, wer
 
         self.model.eval()
         refs, hyps = [], []
@@ -425,7 +425,7 @@ class Trainer:
                 texts = self._decode(speech, lengths)
             refs += [it["text"] for it in items]
             hyps += texts
-        return {"wer": wer(refs, hyps)}
+        return {"wer": wer(refs, hyps), "wer_capped": capped_wer(refs, hyps)}
 
     def _decode(self, speech: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         from ..decoding import DecodingOptions, generate
