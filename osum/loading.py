@@ -45,6 +45,7 @@ __all__ = [
     "load_model",
     "load_osum_checkpoint",
     "merge_lora",
+    "read_card",
     "save_model",
 ]  # fmt: skip
 
@@ -236,8 +237,7 @@ def _base_with_overlay(base: Path, overlay: Path, device: str | torch.device, qu
     if not overlay.is_file():
         raise ModelNotFoundError(f"no trained weights for {base.name} at {overlay}")
     cfg = OsumConfig.load(base / "config.json")
-    card_path = overlay.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else None
+    card = read_card(overlay)
     tasks = card.get("supported_tasks") if card is not None else ["asr"]
     # weights without a card (a training run's interim best.safetensors) claim only transcription:
     # no tag is served that nobody measured
@@ -259,8 +259,14 @@ def _base_with_overlay(base: Path, overlay: Path, device: str | torch.device, qu
     return model.place(device, quantize)
 
 
+def read_card(overlay: Path) -> dict | None:
+    """The model card beside trained weights (``<overlay>.json``, osum/train/export.py), if any."""
+    path = overlay.with_suffix(".json")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def describe_card(card: dict | None) -> str:
-    """One line on what trained weights measured, for logs and ``osum info``."""
+    """One line on where trained weights came from and what they measured (the server logs it)."""
     if card is None:
         return "no model card: interim weights, transcription only, accuracy unmeasured"
     src = card.get("source") or {}

@@ -105,14 +105,14 @@ class OsumModel(nn.Module):
         """
         if self.device.type != "cpu":
             raise InvalidConfigError("int8 quantisation is for CPU; on CUDA the LLM runs in bf16")
-        from .int8 import quantize_linears
+        from .int8 import TokenInt8Linear, quantize_linears
 
         llm = self.llm
         for layer in llm.model.layers:
             quantize_linears(layer.float())
         for part in (llm.model.embed_tokens, llm.model.norm, llm.model.rotary_emb):
             part.float()
-        llm.lm_head = quantize_linears(nn.ModuleList([llm.lm_head.float()]))[0]  # the output layer
+        llm.lm_head = TokenInt8Linear(llm.lm_head.float())  # the output layer
         self.quantized = "int8"
         _malloc_trim()  # hand the freed float weights back to the OS (glibc keeps them otherwise)
         return self

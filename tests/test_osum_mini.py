@@ -146,36 +146,14 @@ def test_osum_serve_runs_osum_mini_by_default(held_out) -> None:  # type: ignore
     import asyncio
     import json
     import signal
-    import subprocess
-    import sys
 
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
+    from .serving import start_serve, stream_listen
 
-    env = dict(os.environ, OSUM_HOME=str(CACHE))
-    proc = subprocess.Popen([sys.executable, "-m", "streaming.app", "--grpc-port", "0", "--ws-port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc, info = start_serve([], {"OSUM_HOME": str(CACHE)})
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
-        port = json.loads(line)["ws_port"]
         audio, text = held_out[6]
         sil = np.zeros(16000, np.float32)
-
-        async def talk() -> list[dict]:
-            async with connect(f"ws://127.0.0.1:{port}/v1/listen?tasks=emotion", max_size=None) as ws:
-                await ws.send((np.concatenate([sil, audio, sil]) * 32767).astype("<i2").tobytes())
-                await ws.send(json.dumps({"type": "CloseStream"}))
-                msgs = []
-                try:
-                    async for m in ws:
-                        msgs.append(json.loads(m))
-                except ConnectionClosed:
-                    pass
-                return msgs
-
-        msgs = asyncio.run(asyncio.wait_for(talk(), 120))
+        msgs = asyncio.run(asyncio.wait_for(stream_listen(f"ws://127.0.0.1:{info['ws_port']}", np.concatenate([sil, audio, sil])), 120))
         finals = [m for m in msgs if m["type"] == "Results" and m["is_final"]]
         assert len(finals) == 1 and wer([text], [finals[0]["transcript"]]) <= 0.5, msgs
         analysis = [m for m in msgs if m["type"] == "Analysis"]

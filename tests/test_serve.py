@@ -4,33 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import urllib.request
 
 import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from .serving import start_serve
+
 SIL = np.zeros(16000, np.float32)
 
 
-def _start(env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:  # type: ignore[type-arg]
-    env = dict(os.environ) | (env_extra or {})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streaming.app", "--model", "tiny", "--grpc-port", "0", "--ws-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line, proc.stderr.read() if proc.stderr else ""
-    return proc, json.loads(line)
-
-
 def test_serve_streams_reports_health_and_drains_on_sigterm(male_clip) -> None:  # type: ignore[no-untyped-def]
-    proc, info = _start()
+    proc, info = start_serve(["--model", "tiny"])
     try:
         port = info["ws_port"]
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status == 200
@@ -98,14 +85,14 @@ def test_a_session_survives_kill_9_of_the_server(male_clip, tmp_path) -> None:  
             return [json.loads(m) async for m in ws]
 
     with redis_server(tmp_path) as url:
-        proc, info = _start({"REDIS_URL": url})
+        proc, info = start_serve(["--model", "tiny"], {"REDIS_URL": url})
         try:
             token, last_seq, before = asyncio.run(first_half(info["ws_port"]))
             proc.send_signal(signal.SIGKILL)  # no drain, no goodbye
             proc.wait(timeout=30)
         finally:
             stop(proc)
-        proc, info = _start({"REDIS_URL": url})
+        proc, info = start_serve(["--model", "tiny"], {"REDIS_URL": url})
         try:
             after = asyncio.run(second_half(info["ws_port"], token, last_seq))
         finally:

@@ -217,7 +217,7 @@ def test_export_ships_fp16_weights_with_a_card_that_claims_only_transcription(ti
 
     from osum.errors import CheckpointError
     from osum.loading import describe_card, load_base_with_overlay
-    from osum.train.export import export_overlay
+    from osum.train.export import export_overlay, own_card
 
     cfg, model = tiny_run
     cfg = replace(cfg, stage="joint", steps=3, eval_every=3, lr_lora=1e-2)
@@ -227,6 +227,7 @@ def test_export_ships_fp16_weights_with_a_card_that_claims_only_transcription(ti
     out = tmp_path / "ship" / "osum-mini.safetensors"
     card = export_overlay(run, out)
     assert card["supported_tasks"] == ["asr"] and card["source"]["step"] == 3 and card["measured"] is None
+    assert own_card(out) == card  # `evaluate --card` records only into a card written for this very file
     with safe_open(str(out), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     assert out.stat().st_size < (run / "best.safetensors").stat().st_size * 0.6
@@ -239,6 +240,11 @@ def test_export_ships_fp16_weights_with_a_card_that_claims_only_transcription(ti
     assert "step 3" in describe_card(loaded.card) and "not measured" in describe_card(loaded.card)
     assert loaded.speech_llama_proj.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.speech_llama_proj.weight, t.model.speech_llama_proj.weight.detach(), atol=1e-3, rtol=1e-3)
+
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(out.read_bytes()[:-2] + b"  ")  # other weights beside a copy of this card
+    (tmp_path / "other.json").write_text(out.with_suffix(".json").read_text())
+    assert own_card(other) is None
 
     # a tensor fp16 cannot hold is refused, not silently turned into inf
     bad = tmp_path / "bad"

@@ -21,12 +21,10 @@ from streaming.session import SessionConfig
 from streaming.ws_messages import KNOWN_PARAMS, ProtocolError, config_from_params, parse_client_text
 from streaming.ws_server import serve_ws
 
+from .serving import pcm16, stream_listen
+
 SIL = np.zeros(16000, np.float32)
 OPTS = EngineOptions(scheduler=SchedulerOptions(final_max_tokens=6))
-
-
-def _pcm(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 async def _with_server(model, body, options=OPTS):  # type: ignore[no-untyped-def]
@@ -39,17 +37,6 @@ async def _with_server(model, body, options=OPTS):  # type: ignore[no-untyped-de
         server.close()
         await server.wait_closed()
         await engine.stop()
-
-
-async def _stream(url: str, audio: np.ndarray, query: str = "tasks=emotion", step: int = 8000) -> list[dict]:
-    async with connect(f"{url}/v1/listen?{query}") as ws:
-        data = _pcm(audio)
-        for i in range(0, len(data), step):
-            await ws.send(data[i : i + step])
-        await ws.send(json.dumps({"type": "CloseStream"}))
-        msgs = [json.loads(m) async for m in ws]
-        assert ws.close_code == 1000
-        return msgs
 
 
 async def _expect_close(url: str, first: list, code: int, query: str = "tasks=emotion") -> list[dict]:
@@ -69,9 +56,9 @@ def test_real_speech_over_websocket_equals_the_engine(tiny_model, male_clip) -> 
     audio = np.concatenate([SIL, male_clip, SIL])
 
     async def body(url, engine):  # type: ignore[no-untyped-def]
-        msgs = await _stream(url, audio, step=8001)  # odd sizes: samples split across frames
+        msgs = await stream_listen(url, audio, step=8001)  # odd sizes: samples split across frames
         direct = await engine.open_session(SessionConfig(tasks=("emotion",)))
-        await direct.send(_pcm(audio))
+        await direct.send(pcm16(audio))
         await direct.end()
         finals = [e.transcript async for e in direct.events() if isinstance(e, Final)]
         return msgs, finals
@@ -102,7 +89,7 @@ def test_real_speech_over_websocket_equals_the_engine(tiny_model, male_clip) -> 
 def test_bad_input_battery(tiny_model, male_clip, frames, query, code) -> None:  # type: ignore[no-untyped-def]
     async def body(url, engine):  # type: ignore[no-untyped-def]
         await _expect_close(url, frames, code, query)
-        msgs = await _stream(url, np.concatenate([SIL, male_clip, SIL]))  # the server is still healthy
+        msgs = await stream_listen(url, np.concatenate([SIL, male_clip, SIL]))  # the server is still healthy
         assert any(m["type"] == "Results" and m["is_final"] for m in msgs)
 
     asyncio.run(_with_server(tiny_model, body))
@@ -110,9 +97,9 @@ def test_bad_input_battery(tiny_model, male_clip, frames, query, code) -> None: 
 
 def test_abrupt_disconnect_harms_no_one(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
     async def body(url, engine):  # type: ignore[no-untyped-def]
-        other = asyncio.create_task(_stream(url, np.concatenate([SIL, male_clip, SIL])))
+        other = asyncio.create_task(stream_listen(url, np.concatenate([SIL, male_clip, SIL])))
         ws = await connect(f"{url}/v1/listen?tasks=emotion")
-        await ws.send(_pcm(np.concatenate([SIL, male_clip]))[:40001])  # half a sample at the end
+        await ws.send(pcm16(np.concatenate([SIL, male_clip]))[:40001])  # half a sample at the end
         ws.transport.abort()  # no close frame
         msgs = await other
         assert any(m["type"] == "Results" and m["is_final"] for m in msgs)
@@ -129,7 +116,7 @@ def test_configure_message_and_over_capacity(tiny_model, male_clip) -> None:  # 
     async def body(url, engine):  # type: ignore[no-untyped-def]
         async with connect(f"{url}/v1/listen") as ws:  # config in the first message instead of the query
             await ws.send(json.dumps({"type": "Configure", "tasks": ["gender"], "interim_results": False}))
-            await ws.send(_pcm(np.concatenate([SIL, male_clip, SIL])))
+            await ws.send(pcm16(np.concatenate([SIL, male_clip, SIL])))
             await ws.send(json.dumps({"type": "CloseStream"}))
             msgs = [json.loads(m) async for m in ws]
         assert not any(m["type"] == "Results" and not m["is_final"] for m in msgs)

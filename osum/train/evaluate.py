@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import random
 import time
 from dataclasses import replace
@@ -82,10 +81,10 @@ def main() -> None:
                     help="record the results in the overlay's model card (osum/train/export.py) and serve gender only if it met its target")  # fmt: skip
     args = ap.parse_args()
     if args.card:
-        from .export import read_card
+        from .export import own_card
 
-        card = read_card(args.overlay)
-        if not card or card.get("sha256") != hashlib.sha256(args.overlay.read_bytes()).hexdigest():
+        card = own_card(args.overlay)
+        if card is None:
             ap.error(f"--card: {args.overlay} has no card of its own (export it with python -m osum.train.export)")
         if args.limit or args.no_gender:
             ap.error("--card measures everything: not with --limit or --no-gender")

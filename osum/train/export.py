@@ -26,14 +26,15 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..loading import MINI_OVERLAY
+from ..loading import MINI_OVERLAY, read_card
 
-__all__ = ["export_overlay", "read_card", "write_card", "main"]
+__all__ = ["export_overlay", "own_card", "write_card", "main"]
 
 
-def read_card(overlay: Path) -> dict:
-    card = overlay.with_suffix(".json")
-    return json.loads(card.read_text()) if card.is_file() else {}
+def own_card(overlay: Path) -> dict | None:
+    """``overlay``'s card if it was written for this very file (its sha256), else None."""
+    card = read_card(overlay)
+    return card if card is not None and card.get("sha256") == _sha256(overlay) else None
 
 
 def write_card(overlay: Path, card: dict) -> None:
