@@ -65,6 +65,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(d, ensure_ascii=False)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, get SIGTERM when the server dies, even by
+    ``kill -9``, so that a private redis-server is never left behind (elsewhere: no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class PrivateRedis:
     """A redis-server of our own on a unix socket, for when no REDIS_URL is given."""
 
@@ -74,7 +83,7 @@ class PrivateRedis:
         self.proc = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(self.sock),
              "--unixsocketperm", "700", "--dir", str(self.dir), "--save", "", "--appendonly", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )  # fmt: skip
         for _ in range(250):
             if self.sock.exists():

@@ -28,6 +28,7 @@ to take a session over, and only the key that opened a session may resume it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -43,7 +44,7 @@ import numpy as np
 
 from osum.errors import OsumError
 
-from .events import Analysis, Error, Event, Final, event_from_dict
+from .events import Analysis, Error, Event, Final, Partial, event_from_dict
 from .metrics import EngineMetrics
 from .scheduler import Scheduler, SchedulerOptions
 from .session import Session, SessionConfig, Snapshot, State
@@ -83,11 +84,24 @@ class EngineOptions:
     max_sessions_per_key: int = 0  # 0: no per-key limit
     max_session_s: float = 4 * 3600.0  # audio seconds one session may send
     max_backlog_s: float = 1.0
+    # backpressure: a session whose ended utterances still waiting for the model hold more
+    # than this much audio stops taking audio (``send`` waits) until the model catches up
+    max_queued_s: float = 20.0
     event_queue: int = 256
     slow_consumer_s: float = 10.0
     feed_threads: int = 2
     feed_inline: bool = False  # decode on the event loop: only for sessions whose feed is trivial (null engine)
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "event_queue", "feed_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineOptions.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_session_s", "max_backlog_s", "max_queued_s", "slow_consumer_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"EngineOptions.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_sessions_per_key < 0:
+            raise ValueError(f"EngineOptions.max_sessions_per_key must be >= 0, got {self.max_sessions_per_key}")
 
 
 class Engine:
@@ -219,6 +233,11 @@ class LiveSession:
         self._closed = asyncio.Event()
         self._store_down = False
         self._draining = False
+        # (stream sample, monotonic time): audio up to that sample had arrived by then; for
+        # processing_latency_ms. Pruned to what events still to come can refer to; bounded.
+        self._arrivals: deque[tuple[int, float]] = deque(maxlen=4096)
+        self._final_arrival: dict[int, float] = {}  # utterance -> arrival of its end, for its Analysis
+        self._caught_up = asyncio.Event()  # the driver applied work: a waiting send looks again
         self._driver = asyncio.get_running_loop().create_task(self._drive(), name=f"session-{self.id}")
 
     # ---- client side --------------------------------------------------------------------
@@ -228,6 +247,12 @@ class LiveSession:
         if self._draining:
             return
         loop = asyncio.get_running_loop()
+        # backpressure: wait (without reading more of the client's audio, so its transport
+        # slows it) while this session's ended utterances wait for the model
+        limit = self.engine.opt.max_queued_s * 16000
+        while self.session.queued_samples() > limit and not self._closed.is_set():
+            self._caught_up.clear()
+            await self._caught_up.wait()
         async with self._lock:
             fmt = self.session.config.audio
             if self.session.intake.samples_in / fmt.sample_rate > self.engine.opt.max_session_s:
@@ -238,6 +263,7 @@ class LiveSession:
             else:
                 await loop.run_in_executor(self.engine._pool, self.session.feed, data)
             self.engine.metrics.audio.inc((self.session.intake.samples_in - before) / fmt.sample_rate)
+            self._arrivals.append((self.session.position, time.monotonic()))
         self._kick.set()
 
     async def finalize(self) -> None:
@@ -295,12 +321,14 @@ class LiveSession:
                 else:
                     async with self._lock:
                         s.apply(req, result)
+                self._caught_up.set()
                 await self._publish()
         except _SlowConsumer:
             log.warning("session %s: client not reading events; closing", self.id, extra={"session_id": self.id})
         except asyncio.CancelledError:
             pass
         finally:
+            self._caught_up.set()
             await self._finish()
 
     async def _run(self, req: Any) -> Any:
@@ -331,8 +359,35 @@ class LiveSession:
             if work.done():
                 return work.result()
 
+    def _arrived(self, end: float) -> float | None:
+        """When the audio up to stream time ``end`` had arrived (None: no longer known)."""
+        sample = round(end * 16000)
+        for at, t in self._arrivals:
+            if at >= sample:
+                return t
+        return None
+
+    def _with_latency(self, events: list[Event]) -> list[Event]:
+        """Partials, Finals and Analyses with ``processing_latency_ms`` (time since their audio arrived)."""
+        now, out = time.monotonic(), []
+        for ev in events:
+            t: float | None = None
+            if isinstance(ev, (Partial, Final)):
+                t = self._arrived(ev.end)
+                if isinstance(ev, Final) and t is not None and self.session.config.tasks:
+                    self._final_arrival[ev.utterance_id] = t
+                    while len(self._final_arrival) > 16:  # tags never asked for, or failed: forget
+                        del self._final_arrival[next(iter(self._final_arrival))]
+            elif isinstance(ev, Analysis):
+                t = self._final_arrival.pop(ev.utterance_id, None)
+            out.append(ev if t is None else dataclasses.replace(ev, processing_latency_ms=round((now - t) * 1000, 1)))
+        keep = self.session.pending_from()
+        while self._arrivals and self._arrivals[0][0] < keep:  # no event to come ends before `keep`
+            self._arrivals.popleft()
+        return out
+
     async def _publish(self) -> None:
-        events = self.session.drain()
+        events = self._with_latency(self.session.drain())
         if any(isinstance(ev, (Final, Analysis)) for ev in events):
             events += await self._persist(events)
         m = self.engine.metrics

@@ -48,6 +48,8 @@ class Partial(Event):
     stability: float  # share of the hypothesis that is committed, 0..1
     start: float
     end: float  # audio covered so far
+    # wall time from the arrival of the audio up to ``end`` to this event (set by the engine)
+    processing_latency_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class Final(Event):
     confidence: float | None = None
     words: tuple[Word, ...] = ()
     reason: str = "silence"  # silence | max_length | finalize | end_of_stream
+    # wall time from the arrival of the audio up to ``end`` to this event (set by the engine)
+    processing_latency_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class Analysis(Event):
     utterance_id: int
     tags: dict[str, Label] = field(default_factory=dict)  # emotion, style, events, gender, age
     reply: str | None = None  # STTC: the model's answer to the utterance
+    # wall time from the arrival of the utterance's last audio to this event (set by the engine)
+    processing_latency_ms: float | None = None
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,9 @@ class NullSession(SessionBase):
 
     # ---- the Session surface the driver uses -------------------------------------------
 
+    def pending_from(self) -> int:
+        return self._base + self._utt[1] if self._utt is not None else self.position
+
     def next_work(self, allow_partial: bool = True) -> None:
         return None
 

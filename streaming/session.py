@@ -147,7 +147,21 @@ class SessionBase:
     state: State
     intake: AudioIntake
     _base: int
+    _now: int  # samples consumed by this session object
     _events: list[Event]
+
+    @property
+    def position(self) -> int:
+        """Stream samples (16 kHz) heard so far, across resumes."""
+        return self._base + self._now
+
+    def pending_from(self) -> int:
+        """The earliest stream sample that an event still to come can end at."""
+        return self.position
+
+    def queued_samples(self) -> int:
+        """Audio of ended utterances still waiting for the model (the backpressure measure)."""
+        return 0
 
     def feed(self, data: bytes | np.ndarray) -> None:
         """Audio from the client. A bad chunk becomes an Error event; the session goes on."""
@@ -290,6 +304,12 @@ class Session(SessionBase):
         keep_from = max(keep_from, self._buf_start)
         self._buf = self._buf[keep_from - self._buf_start :]
         self._buf_start = keep_from
+
+    def pending_from(self) -> int:
+        return self._base + self._utts[0].start if self._utts else self.position
+
+    def queued_samples(self) -> int:
+        return sum(u.n for u in self._utts if u.end is not None)
 
     # ---- work -------------------------------------------------------------------------
 

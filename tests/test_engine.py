@@ -19,7 +19,7 @@ from streaming.engine import (
     SessionNotFoundError,
     StateUnavailableError,
 )
-from streaming.events import Analysis, Error, Final, SpeechStarted
+from streaming.events import Analysis, Error, Final, Partial, SpeechStarted
 from streaming.scheduler import SchedulerOptions
 from streaming.session import SessionConfig
 from streaming.store import InMemoryStore, RedisStore
@@ -291,3 +291,58 @@ def test_redis_outage_and_restart_mid_session(tiny_model, male_clip, tmp_path: P
     assert [f.utterance_id for f in finals] == [0, 1, 2]  # every result reached the client
     assert [e.code for e in errors] == ["state_unavailable"] and not errors[0].fatal  # one warning per outage
     assert [e["utterance_id"] for e in stored if e["type"] == "Final"] == [2]  # stored again once Redis was back
+
+
+def test_backpressure_stops_reading_audio_until_the_model_catches_up(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """A client sending faster than the model works is held in ``send`` (so its transport
+    slows it) instead of its ended utterances piling up without bound."""
+    import threading
+
+    from streaming.work import FinalRequest
+
+    gate = threading.Event()
+
+    async def main() -> tuple[list, int]:
+        engine = Engine(tiny_model, replace(OPTS, max_queued_s=1.0))
+        await engine.start()
+        run_finals = engine.scheduler._runners[FinalRequest]
+        engine.scheduler._runners[FinalRequest] = lambda reqs: gate.wait(60) and run_finals(reqs)  # a stalled model
+        s = await engine.open_session(CFG)
+        reading = asyncio.create_task(_collect(s))
+        two = np.concatenate([SIL, male_clip, SIL, male_clip, SIL])
+        await s.send(_pcm(two))  # two utterances end in this chunk: queued past the limit
+        assert s.session.queued_samples() > 16000
+        heard = s.session.intake.samples_in
+        more = asyncio.create_task(s.send(_pcm(two)))
+        await asyncio.sleep(0.5)
+        blocked = not more.done() and s.session.intake.samples_in == heard  # waiting, this audio not read
+        gate.set()
+        await asyncio.wait_for(more, 60)
+        await s.end()
+        events = await asyncio.wait_for(reading, 120)
+        await engine.stop()
+        return events, blocked
+
+    events, blocked = asyncio.run(main())
+    assert blocked
+    assert [e.utterance_id for e in events if isinstance(e, Final)] == [0, 1, 2, 3]  # nothing lost
+
+
+def test_results_carry_their_processing_latency(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> tuple[list, int]:
+        engine = Engine(tiny_model, OPTS)
+        await engine.start()
+        s = await _talk(engine, np.concatenate([SIL, male_clip, SIL, male_clip, SIL]), chunk=3200)
+        events = await _collect(s)
+        await engine.stop()
+        return events, len(s._arrivals)
+
+    events, arrivals = asyncio.run(main())
+    timed = [e for e in events if isinstance(e, (Partial, Final, Analysis))]
+    assert {type(e) for e in timed} == {Partial, Final, Analysis}
+    for e in timed:  # from the arrival of the audio it covers to the event: positive, and not absurd
+        assert e.processing_latency_ms is not None and 0 < e.processing_latency_ms < 60_000, e
+    finals = {e.utterance_id: e for e in timed if isinstance(e, Final)}
+    for a in (e for e in timed if isinstance(e, Analysis)):  # measured from the same audio as its Final
+        assert a.processing_latency_ms >= finals[a.utterance_id].processing_latency_ms  # type: ignore[operator]
+    assert arrivals <= 1  # arrival times are kept only while an event may still refer to them

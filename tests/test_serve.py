@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -103,3 +104,104 @@ def test_a_session_survives_kill_9_of_the_server(male_clip, tmp_path) -> None:  
     assert [f["utterance_id"] for f in finals] == [0, 1]  # numbering continued; nothing repeated
     seqs = [m["seq"] for m in before[1:] + after[1:]]
     assert seqs == sorted(set(seqs))
+
+
+def test_redis_restarted_while_serving(male_clip, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As documented: with Redis down a call goes on (results delivered, one non-fatal
+    state_unavailable event), /readyz says 503; once Redis is back storing resumes and
+    /readyz says 200 again. Against a real `osum-serve` and a real redis-server."""
+    import redis
+
+    from .redis_server import redis_server
+
+    utt = (np.concatenate([male_clip, SIL]) * 32767).astype("<i2").tobytes()
+
+    def ready(port: int) -> int:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    async def call(port: int, redis_down, redis_up) -> list[dict]:  # type: ignore[no-untyped-def]
+        msgs: list[dict] = []
+
+        async def until_final(n: int) -> None:
+            while sum(m["type"] == "Results" and m["is_final"] for m in msgs) < n:
+                msgs.append(json.loads(await ws.recv()))
+
+        async with connect(f"ws://127.0.0.1:{port}/v1/listen?tasks=emotion") as ws:
+            msgs.append(json.loads(await ws.recv()))  # Begin
+            await ws.send((SIL * 32767).astype("<i2").tobytes() + utt)
+            await asyncio.wait_for(until_final(1), 60)
+            await asyncio.to_thread(redis_down)
+            await ws.send(utt)
+            await asyncio.wait_for(until_final(2), 60)
+            while not any(m["type"] == "Error" for m in msgs):  # the warning follows the failed commit
+                msgs.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+            await asyncio.to_thread(redis_up)
+            await ws.send(utt)
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            msgs += [json.loads(m) async for m in ws]
+        return msgs
+
+    first = redis_server(tmp_path)
+    url = first.__enter__()
+    proc, info = start_serve(["--model", "tiny"], {"REDIS_URL": url})
+    port, seen, later = info["ws_port"], {}, []
+    try:
+        assert ready(port) == 200
+
+        def redis_down() -> None:
+            first.__exit__(None, None, None)
+            seen["down"] = ready(port)
+
+        def redis_up() -> None:
+            later.append(redis_server(tmp_path))
+            assert later[0].__enter__() == url  # same address, empty: it kept nothing
+            seen["up"] = ready(port)
+
+        msgs = asyncio.run(call(port, redis_down, redis_up))
+        sid = msgs[0]["session_id"]
+        stored = redis.Redis(unix_socket_path=url.removeprefix("unix://")).xrange(f"osum:results:{sid}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        for cm in later:
+            cm.__exit__(None, None, None)
+    assert seen == {"down": 503, "up": 200}
+    finals = [m["utterance_id"] for m in msgs if m["type"] == "Results" and m["is_final"]]
+    assert finals == [0, 1, 2]  # every result reached the client
+    errors = [m for m in msgs if m["type"] == "Error"]
+    assert [e["code"] for e in errors] == ["state_unavailable"] and not errors[0]["fatal"]
+    assert [json.loads(f[b"event"])["utterance_id"] for _, f in stored if json.loads(f[b"event"])["type"] == "Final"] == [2]
+
+
+def test_private_redis_does_not_outlive_a_killed_server() -> None:
+    """Without REDIS_URL the server starts its own redis-server; `kill -9` of the server must
+    not leave it running."""
+    import time
+    from pathlib import Path
+
+    def gone(pid: int) -> bool:  # exited: no process, or a zombie until init reaps it
+        stat = Path(f"/proc/{pid}/stat")
+        try:
+            return stat.read_text().rsplit(") ", 1)[-1].startswith("Z")
+        except FileNotFoundError:
+            return True
+
+    proc, _ = start_serve(["--model", "tiny"], {"REDIS_URL": ""})
+    try:
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        redis_pids = [p for p in children if b"redis-server" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(redis_pids) == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not gone(redis_pids[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(redis_pids[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
