@@ -37,7 +37,7 @@ from .auth import ANONYMOUS, Authenticator, Principal, UnauthenticatedError, cre
 from .engine import Engine, LiveSession
 from .session import SessionConfig
 from .status import IdleTimeoutError, with_hint, ws_close_code
-from .ws_messages import ProtocolError, config_from_params, event_message, parse_client_text
+from .ws_messages import ProtocolError, event_message, listen_request, parse_client_text
 
 __all__ = ["MAX_FRAME_BYTES", "FrameReader", "ListenHandler", "serve_ws"]
 
@@ -121,10 +121,14 @@ class ListenHandler:
         except OsumError as e:
             await _close_with_error(ws, e.code, with_hint(e.code, str(e)), ws_close_code(e.code))
             return
-        if session is None:
+        except ConnectionClosed:  # the client left (or broke a frame) before its session began: nothing to clean up
             return
-        await ws.send(json.dumps({"type": "Begin", "session_id": session.id, "resume_token": session.resume_token,
-                                  "audio_offset": session.audio_offset}))  # fmt: skip
+        try:
+            await ws.send(json.dumps({"type": "Begin", "session_id": session.id, "resume_token": session.resume_token,
+                                      "audio_offset": session.audio_offset}))  # fmt: skip
+        except ConnectionClosed:  # gone already: finish the session (kept for a resume) rather than leak it
+            await session.abort()
+            return
         writer = asyncio.create_task(self._write(ws, session))
         reader = asyncio.create_task(self._read(ws, session))
         await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
@@ -146,13 +150,18 @@ class ListenHandler:
             await reader
         await ws.close(1000 if self.engine.accepting else 1012, "stream closed" if self.engine.accepting else "server restarting")
 
-    async def _open(self, ws: ServerConnection, params: dict[str, str]) -> LiveSession | None:
-        """Config from the query, or from a Configure message that comes first."""
-        resume = params.pop("resume", None)
-        last_seq = int(params.pop("last_seq", "-1") or -1)
-        params.pop("token", None)  # auth was checked before the handshake completed
+    async def _open(self, ws: ServerConnection, params: dict[str, str]) -> LiveSession:
+        """Config from the query, or from a Configure message that comes first.
+
+        Every value (``resume``, ``last_seq`` and ``token`` too) is validated by
+        :func:`listen_request` before the engine sees it: a bad one raises an OsumError
+        that the caller maps to an ``Error`` message and close code, never a crash (1011).
+        """
         owner = principal(ws).name
-        if not params and resume is None:  # wait for an optional Configure before audio
+        request = listen_request(params)
+        # only the key (auth was checked before the handshake completed) and perhaps a
+        # last_seq: wait for an optional Configure before audio
+        if set(params) <= {"token", "last_seq"}:
             try:
                 first = await asyncio.wait_for(ws.recv(), timeout=10)
             except TimeoutError:
@@ -161,15 +170,12 @@ class ListenHandler:
                 msg = parse_client_text(first)
                 if msg.type != "Configure":
                     raise ProtocolError(f"expected Configure or audio first, got {msg.type}")
-                params = msg.params
-                resume = params.pop("resume", resume)
-                last_seq = int(params.pop("last_seq", last_seq))
-                session = await self.engine.open_session(config_from_params(params), resume, last_seq, owner)
+                request = listen_request(params | msg.params)  # a query last_seq holds unless Configure names one
             else:
-                session = await self.engine.open_session(SessionConfig(), resume, last_seq, owner)
+                session = await self.engine.open_session(SessionConfig(), None, request.last_seq, owner)
                 await session.send(first)
-            return session
-        return await self.engine.open_session(config_from_params(params), resume, last_seq, owner)
+                return session
+        return await self.engine.open_session(request.config, request.resume, request.last_seq, owner)
 
     async def _read(self, ws: ServerConnection, session: LiveSession) -> None:
         reader = FrameReader(ws, self.idle_timeout_s, " (send KeepAlive while paused)")
