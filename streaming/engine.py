@@ -52,7 +52,7 @@ from .store import InMemoryStore, SessionStore
 from .work import AnalysisRequest
 
 __all__ = ["Engine", "EngineOptions", "LiveSession", "OverCapacityError", "SessionNotFoundError", "SessionLimitError",
-           "StateUnavailableError"]
+           "ShuttingDownError", "StateUnavailableError"]
 
 log = logging.getLogger("streaming.engine")
 T = TypeVar("T")
@@ -60,6 +60,12 @@ T = TypeVar("T")
 
 class OverCapacityError(OsumError):
     code = "over_capacity"
+
+
+class ShuttingDownError(OsumError):
+    """The engine drains (stopped after it started): no new sessions; retry on another replica now."""
+
+    code = "shutting_down"
 
 
 class SessionNotFoundError(OsumError):
@@ -117,11 +123,13 @@ class Engine:
         self.sessions: dict[str, LiveSession] = {}
         self._pool = ThreadPoolExecutor(self.opt.feed_threads, thread_name_prefix="osum-feed")
         self.accepting = False
+        self._started = False  # accepting is False both before start and while draining
         self._secret = b""
 
     async def start(self) -> None:
         self._secret = await self.store.secret()
         self.scheduler.start()
+        self._started = True
         self.accepting = True
 
     def resume_token(self, session_id: str) -> str:
@@ -169,14 +177,18 @@ class Engine:
         (results after ``last_seq`` replayed).
 
         Raises:
-            OverCapacityError: too many sessions, the worker lags, or the engine is stopping.
+            OverCapacityError: too many sessions, the worker lags, or the engine has not started.
+            ShuttingDownError: the engine stops (drains).
             SessionLimitError: ``owner`` already has ``max_sessions_per_key`` sessions.
             SessionNotFoundError: the token is invalid, belongs to another key, or nothing is
                 stored under it (expired).
         """
         if not self.accepting:
+            if self._started:  # a draining server: "go elsewhere now", not "this one is full, wait"
+                self.metrics.refused.labels("shutting_down").inc()
+                raise ShuttingDownError("the server is shutting down; open the session on another replica")
             self.metrics.refused.labels("over_capacity").inc()
-            raise OverCapacityError("the engine is not accepting sessions (starting or shutting down)")
+            raise OverCapacityError("the engine is not accepting sessions yet (starting)")
         if resume is not None:
             resume = self._session_for_token(resume)
         per_key = self.opt.max_sessions_per_key
@@ -261,7 +273,7 @@ class LiveSession:
             if self.engine.opt.feed_inline:
                 self.session.feed(data)
             else:
-                await loop.run_in_executor(self.engine._pool, self.session.feed, data)
+                await _to_the_end(loop.run_in_executor(self.engine._pool, self.session.feed, data))
             self.engine.metrics.audio.inc((self.session.intake.samples_in - before) / fmt.sample_rate)
             self._arrivals.append((self.session.position, time.monotonic()))
         self._kick.set()
@@ -444,4 +456,23 @@ class LiveSession:
 
 class _SlowConsumer(Exception):
     pass
+
+
+async def _to_the_end(work: asyncio.Future[None]) -> None:
+    """Await a feed thread's ``work`` to its end, even when the awaiting task is cancelled
+    meanwhile (then the cancellation is raised after it). The thread changes the session, so
+    the caller's lock must stay held until it is done: a cancelled send (a client that went
+    away) once released it mid-feed, ``end()`` then ran beside the feed, and the session was
+    left ending with an utterance open, never to close."""
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(work)
+            break
+        except asyncio.CancelledError:
+            if work.done():  # the work itself was cancelled (the pool shut down)
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 

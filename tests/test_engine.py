@@ -15,6 +15,7 @@ from streaming.engine import (
     Engine,
     EngineOptions,
     OverCapacityError,
+    ShuttingDownError,
     SessionLimitError,
     SessionNotFoundError,
     StateUnavailableError,
@@ -79,6 +80,10 @@ def test_over_capacity_and_stopping(tiny_model) -> None:  # type: ignore[no-unty
         with pytest.raises(OverCapacityError, match="over capacity"):
             await engine.open_session(CFG)
         await engine.stop()
+        # a stopped (draining) engine says so: the client goes elsewhere now rather than waiting here
+        with pytest.raises(ShuttingDownError, match="shutting down"):
+            await engine.open_session(CFG)
+        assert engine.metrics.refused.labels("shutting_down")._value.get() == 1
 
     asyncio.run(main())
 
@@ -346,3 +351,35 @@ def test_results_carry_their_processing_latency(tiny_model, male_clip) -> None: 
     for a in (e for e in timed if isinstance(e, Analysis)):  # measured from the same audio as its Final
         assert a.processing_latency_ms >= finals[a.utterance_id].processing_latency_ms  # type: ignore[operator]
     assert arrivals <= 1  # arrival times are kept only while an event may still refer to them
+
+
+def test_a_send_cancelled_mid_feed_keeps_the_session_whole(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """A server cancels a reader that is inside ``send`` when its client goes away, and then
+    ends the session. The chunk being fed is fed to its end first: its utterance gets its
+    Final, nothing starts after the end, and the session closes (it once stayed open for
+    good, ending with an utterance open, when the lock was let go mid-feed)."""
+    speech = _pcm(np.concatenate([SIL, male_clip, male_clip, SIL]))  # ~10 s in one chunk: the feed takes a while
+
+    async def main() -> list:  # type: ignore[type-arg]
+        engine = Engine(tiny_model, OPTS)
+        await engine.start()
+        s = await engine.open_session(CFG)
+        sending = asyncio.create_task(s.send(speech))
+        await asyncio.sleep(0.02)  # inside the feed thread by now
+        assert not sending.done()
+        sending.cancel()
+        await s.end()  # what the servers do after cancelling their reader
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        async with asyncio.timeout(60):
+            events = await _collect(s)
+            await s.wait_closed()
+        assert not engine.sessions
+        await engine.stop()
+        return events
+
+    events = asyncio.run(main())
+    started = [e.utterance_id for e in events if isinstance(e, SpeechStarted)]
+    finals = [e.utterance_id for e in events if isinstance(e, Final)]
+    assert started and finals == started  # every utterance heard was finished, none opened after the end
+    assert not [e for e in events if isinstance(e, Error)]
