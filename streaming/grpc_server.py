@@ -10,23 +10,29 @@ buffered.
 Auth (:mod:`streaming.auth`): ``authorization: Bearer <key>`` metadata, checked once the
 config message is read and before anything else (UNAUTHENTICATED otherwise). Health checking and reflection need no
 key. A stream that sends nothing for ``idle_timeout_s`` ends with DEADLINE_EXCEEDED.
+
+Drain (the engine stops accepting, then finishes every open utterance): a stream the server
+ends this way gets its last results, then UNAVAILABLE (``shutting_down``), so the client
+resumes elsewhere with its token; a stream opened while draining is refused the same way.
+Request bytes that do not parse are a ``protocol_error`` (INVALID_ARGUMENT), like any other
+malformed input, not grpc's own UNKNOWN.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from osum.errors import InvalidConfigError, OsumError
 
 from .audio import AudioFormat
 from .auth import Authenticator, Principal, credential_from
-from .engine import Engine
+from .engine import Engine, ShuttingDownError
 from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
 from .proto import speech_pb2 as pb
 from .proto import speech_pb2_grpc
@@ -34,7 +40,14 @@ from .session import SessionConfig
 from .status import RETRY_AFTER_S, RETRY_CODES, IdleTimeoutError, ProtocolError, grpc_status, with_hint
 from .vad import VadOptions
 
-__all__ = ["SpeechServicer", "audio_format", "session_config", "to_response", "serve"]
+__all__ = [
+    "SpeechServicer",
+    "add_to_server",
+    "audio_format",
+    "serve",
+    "session_config",
+    "to_response",
+]
 
 log = logging.getLogger("streaming.grpc")
 
@@ -70,8 +83,40 @@ def session_config(sc: pb.StreamingRecognitionConfig) -> SessionConfig:
     )  # fmt: skip
 
 
+class _Malformed:
+    """What the lenient deserializer hands over instead of a message whose bytes do not parse."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises. grpc turns a deserializer's exception into
+    UNKNOWN ("Unexpected DecodeError") before the servicer sees anything; handing the servicer
+    a :class:`_Malformed` instead lets it refuse with ``protocol_error`` like other bad input."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return _Malformed(str(e))
+
+    return deserialize
+
+
+def _parsed(req: Any, what: str) -> Any:
+    """``req`` itself, or ProtocolError when its bytes were not a ``what``."""
+    if isinstance(req, _Malformed):
+        raise ProtocolError(f"the request bytes are not a valid {what} ({req.reason})")
+    return req
+
+
 def to_response(ev: Event) -> pb.StreamingRecognizeResponse:
+    """The wire form of one engine event."""
     r = pb.StreamingRecognizeResponse(seq=ev.seq, session_id=ev.session_id)
+    latency = getattr(ev, "processing_latency_ms", None)  # Partial, Final, Analysis; None when unknown
+    if latency is not None:
+        r.processing_latency_ms = latency
     if isinstance(ev, SpeechStarted):
         r.speech_event_type = pb.StreamingRecognizeResponse.SPEECH_ACTIVITY_BEGIN
         r.speech_event_time = ev.start
@@ -103,10 +148,14 @@ def to_response(ev: Event) -> pb.StreamingRecognizeResponse:
 
 
 class SpeechServicer(speech_pb2_grpc.SpeechServicer):
+    """``osum.speech.v1.Speech`` over ``engine``. Register it with :func:`add_to_server` (which
+    also makes unparsable requests a ``protocol_error``), not the generated function."""
+
     def __init__(self, engine: Engine, auth: Authenticator | None = None, idle_timeout_s: float = 30.0) -> None:
         self.engine = engine
         self.auth = auth or Authenticator()
         self.idle_timeout_s = idle_timeout_s
+        self._cleanups: set[asyncio.Task[None]] = set()  # strong references: see StreamingRecognize
 
     async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
         try:
@@ -128,14 +177,14 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
         # still writing its first message makes grpc-python clients report INTERNAL instead of
         # our status (their writer's error wins). Clients should send audio after the begin response.
         who = await self._principal(context)
-        if first.WhichOneof("streaming_request") != "streaming_config":
-            await _abort(context, ProtocolError("the first message must carry streaming_config, and only it"))
         try:
+            if _parsed(first, "StreamingRecognizeRequest").WhichOneof("streaming_request") != "streaming_config":
+                raise ProtocolError("the first message must carry streaming_config, and only it")
             cfg = session_config(first.streaming_config)
             sc = first.streaming_config
             session = await self.engine.open_session(cfg, resume=sc.resume_token or None,
                                                      last_seq=sc.last_seq if sc.resume_token else -1, owner=who.name)  # fmt: skip
-        except OsumError as e:
+        except OsumError as e:  # a draining engine says shutting_down: UNAVAILABLE, resume elsewhere
             await _abort(context, e)
         reader = asyncio.create_task(self._read(requests, session))
         try:
@@ -145,13 +194,20 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
                 yield to_response(ev)
             if reader.done() and reader.exception() is not None:
                 await _abort(context, reader.exception())  # type: ignore[arg-type]
+            if not reader.done() and not self.engine.accepting:
+                # The session ended on the server's side (the client had not half-closed) because the
+                # server drains: every result of the open utterance has been sent above. A plain OK
+                # would read as "the stream is complete"; UNAVAILABLE tells the client to resume.
+                await _abort(context, ShuttingDownError("the server is shutting down; resume the session on another replica"))
         finally:
-            if not reader.done():
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-            if not session._closed.is_set():  # the client went away: finish and store what was heard
-                await session.abort()
+            reader.cancel()
+            # A cancelled call (the client went away) may be cancelled again while this cleans up,
+            # and a reader cancelled before it ever ran skips its own finally: either would leave
+            # the session open for good, holding its place. The cleanup runs in its own task.
+            cleanup = asyncio.create_task(_settle(reader, session))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            await asyncio.shield(cleanup)
 
     async def _read(self, requests: AsyncIterator[pb.StreamingRecognizeRequest], session: Any) -> None:
         try:
@@ -163,7 +219,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
                     break
                 except TimeoutError:
                     raise IdleTimeoutError(f"nothing received for {self.idle_timeout_s:g} s") from None
-                kind = req.WhichOneof("streaming_request")
+                kind = _parsed(req, "StreamingRecognizeRequest").WhichOneof("streaming_request")
                 if kind == "audio_content":
                     await session.send(req.audio_content)
                 elif kind == "control":
@@ -179,14 +235,23 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:  # noqa: N802
         from .recognize import recognize_file
 
-        await self._principal(context)
+        who = await self._principal(context)
         try:
-            finals, analyses = await recognize_file(self.engine, request.config, request.audio)
+            request = _parsed(request, "RecognizeRequest")
+            finals, analyses = await recognize_file(self.engine, request.config, request.audio, who.name)
         except OsumError as e:
             await _abort(context, e)
         return pb.RecognizeResponse(
             results=[to_response(f).results[0] for f in finals], analyses=[to_response(a).analysis for a in analyses]
         )
+
+
+async def _settle(reader: asyncio.Task[None], session: Any) -> None:
+    """After a call: the reader finished (its outcome was reported, or is moot: after an abort grpc
+    fails the read it waited in), the session's input ended, and what was heard finished and
+    stored (kept for a resume) if the client left first."""
+    await asyncio.gather(reader, return_exceptions=True)
+    await session.abort()  # end() is idempotent; then wait until the session has closed
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
@@ -198,6 +263,26 @@ async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
+def add_to_server(servicer: SpeechServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as the generated ``add_SpeechServicer_to_server`` does, but with
+    request deserializers that hand unparsable bytes to the servicer (see :func:`_lenient`)."""
+    handlers = {
+        "StreamingRecognize": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamingRecognize,
+            request_deserializer=_lenient(pb.StreamingRecognizeRequest.FromString),
+            response_serializer=pb.StreamingRecognizeResponse.SerializeToString,
+        ),
+        "Recognize": grpc.unary_unary_rpc_method_handler(
+            servicer.Recognize,
+            request_deserializer=_lenient(pb.RecognizeRequest.FromString),
+            response_serializer=pb.RecognizeResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Speech"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)  # the fast path for stubs' registered methods
+
+
 async def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0, auth: Authenticator | None = None,
                 idle_timeout_s: float = 30.0, max_message_bytes: int = 2 << 20) -> tuple[grpc.aio.Server, int]:  # fmt: skip
     """Start a gRPC server for ``engine``; returns it and the bound port."""
@@ -205,7 +290,7 @@ async def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0, auth: Au
     from grpc_reflection.v1alpha import reflection
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
-    speech_pb2_grpc.add_SpeechServicer_to_server(SpeechServicer(engine, auth, idle_timeout_s), server)
+    add_to_server(SpeechServicer(engine, auth, idle_timeout_s), server)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     service = pb.DESCRIPTOR.services_by_name["Speech"].full_name

@@ -47,10 +47,13 @@ def _decode(config: pb.RecognitionConfig, audio: bytes) -> tuple[AudioFormat, by
     return fmt, audio
 
 
-async def recognize_file(engine: Engine, config: pb.RecognitionConfig, audio: bytes) -> tuple[list[Final], list[Analysis]]:
+async def recognize_file(engine: Engine, config: pb.RecognitionConfig, audio: bytes,
+                         owner: str = "anonymous") -> tuple[list[Final], list[Analysis]]:  # fmt: skip
+    """The Finals and Analyses of a whole recording, as a session of ``owner`` (an API key's
+    name: the key's session limit counts it like a stream)."""
     fmt, raw = _decode(config, audio)
     cfg = SessionConfig(audio=fmt, interim_results=False, tasks=tuple(config.analysis_tasks), chat=config.enable_chat_reply)
-    session = await engine.open_session(cfg)
+    session = await engine.open_session(cfg, owner=owner)
     for i in range(0, len(raw), _CHUNK):
         await session.send(raw[i : i + _CHUNK])
     await session.end()

@@ -47,10 +47,10 @@ async def _requests(audio: np.ndarray, first: pb.StreamingRecognizeRequest | Non
         yield req
 
 
-async def _with_server(model, body, options=OPTS):  # type: ignore[no-untyped-def]
+async def _with_server(model, body, options=OPTS, **serve_kw):  # type: ignore[no-untyped-def]
     engine = Engine(model, options)
     await engine.start()
-    server, port = await serve(engine, "127.0.0.1", 0)
+    server, port = await serve(engine, "127.0.0.1", 0, **serve_kw)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = speech_pb2_grpc.SpeechStub(channel)
@@ -84,8 +84,11 @@ def test_streaming_over_grpc_equals_the_engine(tiny_model, male_clip) -> None:  
     final = [r.results[0] for r in responses if r.results and r.results[0].is_final]
     assert interim and all(0 <= x.stability <= 1 for x in interim)
     assert [f.alternatives[0].transcript for f in final] == finals
-    analysis = [r.analysis for r in responses if r.HasField("analysis")][0]
+    analysis = next(r.analysis for r in responses if r.HasField("analysis"))
     assert analysis.tags["emotion"].label and 0 < analysis.tags["emotion"].score <= 1
+    # the engine's processing latency reaches the wire: time from the final's audio to the final
+    assert all(r.processing_latency_ms > 0 for r in responses if r.results and r.results[0].is_final)
+    assert begin.processing_latency_ms == 0  # nothing was processed for the begin response
 
 
 @pytest.mark.parametrize(
@@ -95,6 +98,8 @@ def test_streaming_over_grpc_equals_the_engine(tiny_model, male_clip) -> None:  
         (None, [_config()], grpc.StatusCode.INVALID_ARGUMENT, "only allowed in the first"),
         (_config(partial_step_ms=100), None, grpc.StatusCode.INVALID_ARGUMENT, "multiple of 80"),
         (_config(resume_token="nope", last_seq=3), None, grpc.StatusCode.NOT_FOUND, "no session"),
+        (pb.StreamingRecognizeRequest(), None, grpc.StatusCode.INVALID_ARGUMENT, "first message"),  # empty, first
+        (None, [pb.StreamingRecognizeRequest()], grpc.StatusCode.INVALID_ARGUMENT, "empty request"),  # empty, later
     ],
 )
 def test_bad_streams_get_their_status(tiny_model, male_clip, first, extra, code, message) -> None:  # type: ignore[no-untyped-def]
@@ -110,15 +115,112 @@ def test_bad_streams_get_their_status(tiny_model, male_clip, first, extra, code,
     asyncio.run(_with_server(tiny_model, body))
 
 
+def test_a_stream_closed_before_its_config_opens_nothing(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Half-closed with no message at all: nothing to refuse or answer, so OK and no responses."""
+
+    async def nothing():  # type: ignore[no-untyped-def]
+        return
+        yield
+
+    async def body(stub, engine):  # type: ignore[no-untyped-def]
+        call = stub.StreamingRecognize(nothing())
+        assert [r async for r in call] == [] and await call.code() == grpc.StatusCode.OK
+        assert not engine.sessions
+
+    asyncio.run(_with_server(tiny_model, body))
+
+
 def test_over_capacity_is_resource_exhausted(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
     async def body(stub, engine):  # type: ignore[no-untyped-def]
         await engine.open_session(SessionConfig())  # takes the only place
         with pytest.raises(grpc.aio.AioRpcError) as e:
             async for _ in stub.StreamingRecognize(_requests(male_clip[:8000])):
                 pass
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after" in e.value.details()
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after 5 s" in e.value.details()
+        assert ("retry-after", "5") in tuple(e.value.trailing_metadata() or ())  # machine-readable hint
 
     asyncio.run(_with_server(tiny_model, body, replace(OPTS, max_sessions=1)))
+
+
+def test_garbage_bytes_are_a_protocol_error(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """Bytes that do not parse as a request: INVALID_ARGUMENT (protocol_error), not grpc's UNKNOWN."""
+    garbage = b"\xff\xff\xff\xff"  # a truncated varint: not a StreamingRecognizeRequest, nor a RecognizeRequest
+
+    async def raw_stream(channel, messages: list[bytes]) -> list[pb.StreamingRecognizeResponse]:  # type: ignore[no-untyped-def]
+        call = channel.stream_stream("/osum.speech.v1.Speech/StreamingRecognize", request_serializer=None,
+                                     response_deserializer=pb.StreamingRecognizeResponse.FromString)  # fmt: skip
+
+        async def requests():  # type: ignore[no-untyped-def]
+            for m in messages:
+                yield m
+                await asyncio.sleep(0.05)  # no writes racing the refusal (see _requests)
+            await asyncio.sleep(10)  # then stay open: the server, not a half-close, ends the call
+
+        return [r async for r in call(requests())]
+
+    async def body(stub, engine):  # type: ignore[no-untyped-def]
+        for messages in ([garbage], [_config().SerializeToString(), garbage]):  # as the first message, and later
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await raw_stream(stub.channel, messages)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid StreamingRecognizeRequest" in e.value.details()
+        recognize = stub.channel.unary_unary("/osum.speech.v1.Speech/Recognize", request_serializer=None,
+                                             response_deserializer=pb.RecognizeResponse.FromString)  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await recognize(garbage)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid RecognizeRequest" in e.value.details()
+        # the server is still healthy: a normal stream right after works
+        ok = [r async for r in stub.StreamingRecognize(_requests(np.concatenate([SIL, male_clip, SIL])))]
+        assert any(r.results and r.results[0].is_final for r in ok)
+        assert not engine.sessions  # the refused streams left nothing open
+
+    asyncio.run(_with_server(tiny_model, body))
+
+
+def test_per_key_session_limit_over_grpc(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from streaming.auth import Authenticator
+
+    alice, bob = "k-alice-0123456789abcdef", "k-bob-0123456789abcdef"
+
+    async def open_stream(stub, key: str, begun: asyncio.Event, done: asyncio.Event):  # type: ignore[no-untyped-def]
+        async def requests():  # type: ignore[no-untyped-def]
+            yield _config()
+            await done.wait()  # a live stream: open until the test half-closes it
+
+        call = stub.StreamingRecognize(requests(), metadata=(("authorization", f"Bearer {key}"),))
+        responses = []
+        async for r in call:
+            responses.append(r)
+            begun.set()
+        return responses
+
+    async def body(stub, engine):  # type: ignore[no-untyped-def]
+        first_begun, first_done = asyncio.Event(), asyncio.Event()
+        first = asyncio.create_task(open_stream(stub, alice, first_begun, first_done))
+        await first_begun.wait()
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # alice's second session: over her limit
+            await open_stream(stub, alice, asyncio.Event(), asyncio.Event())
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "already has 1 open sessions" in e.value.details() and "retry after 5 s" in e.value.details()
+        assert ("retry-after", "5") in tuple(e.value.trailing_metadata() or ())
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # a whole-file Recognize is one of her sessions too
+            await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(encoding=pb.RecognitionConfig.LINEAR16,
+                                                                                  sample_rate_hertz=16000),
+                                                     audio=b"\0\0" * 16000), metadata=(("authorization", f"Bearer {alice}"),))  # fmt: skip
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "already has 1 open sessions" in e.value.details()
+        for key in (bob, alice):  # another key is not limited by alice's sessions; alice's ended one frees her place
+            begun, done = asyncio.Event(), asyncio.Event()
+            other = asyncio.create_task(open_stream(stub, key, begun, done))
+            await begun.wait()
+            done.set()
+            assert (await other)[0].seq == -1
+            if key == bob:
+                first_done.set()
+                assert len(await first) == 1  # begin only; it ended normally
+
+    auth = Authenticator({alice: "alice", bob: "bob"})
+    asyncio.run(_with_server(tiny_model, body, replace(OPTS, max_sessions_per_key=1), auth=auth))
 
 
 def test_recognize_a_file(tiny_model, male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
