@@ -60,7 +60,9 @@ def test_serve_streams_reports_health_and_drains_on_sigterm(male_clip) -> None: 
 
 
 def test_a_session_survives_kill_9_of_the_server(male_clip, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """State is in Redis: a new process resumes the session; finalized results are kept, none twice."""
+    """State is in Redis: a new process resumes the session. The client had acknowledged only
+    up to utterance 0's Final when the server was killed, so the Analysis stored before the
+    kill is replayed from Redis, once and unchanged; numbering goes on; nothing twice."""
     from .redis_server import redis_server
 
     def stop(proc) -> None:  # type: ignore[no-untyped-def]
@@ -70,40 +72,47 @@ def test_a_session_survives_kill_9_of_the_server(male_clip, tmp_path) -> None:  
 
     speech = (np.concatenate([SIL, male_clip, SIL]) * 32767).astype("<i2").tobytes()
 
-    async def first_half(port: int) -> tuple[str, int, list[dict]]:
+    async def first_half(port: int) -> list[dict]:
         async with connect(f"ws://127.0.0.1:{port}/v1/listen?tasks=emotion") as ws:
-            begin = json.loads(await ws.recv())
+            msgs = [json.loads(await ws.recv())]
             await ws.send(speech)
-            msgs = []
             while not any(m["type"] == "Analysis" for m in msgs):  # utterance 0 is finished and stored
                 msgs.append(json.loads(await ws.recv()))
-            return begin["resume_token"], msgs[-1]["seq"], [begin, *msgs]
+            return msgs
 
     async def second_half(port: int, token: str, last_seq: int) -> list[dict]:
         async with connect(f"ws://127.0.0.1:{port}/v1/listen?resume={token}&last_seq={last_seq}") as ws:
-            await ws.send(speech)
+            begin = json.loads(await ws.recv())
+            heard = round(begin["audio_offset"] * 16000) * 2  # bytes of PCM16 the server had heard
+            await ws.send(speech[heard:] + speech)  # re-send from there, then a new utterance
             await ws.send(json.dumps({"type": "CloseStream"}))
-            return [json.loads(m) async for m in ws]
+            return [begin, *[json.loads(m) async for m in ws]]
 
     with redis_server(tmp_path) as url:
         proc, info = start_serve(["--model", "tiny"], {"REDIS_URL": url})
         try:
-            token, last_seq, before = asyncio.run(first_half(info["ws_port"]))
+            before = asyncio.run(first_half(info["ws_port"]))
             proc.send_signal(signal.SIGKILL)  # no drain, no goodbye
             proc.wait(timeout=30)
         finally:
             stop(proc)
+        final0 = next(m for m in before if m["type"] == "Results" and m["is_final"])
+        analysis0 = before[-1]
+        acked = [m for m in before[1:] if m["seq"] <= final0["seq"]]  # what the client had processed
         proc, info = start_serve(["--model", "tiny"], {"REDIS_URL": url})
         try:
-            after = asyncio.run(second_half(info["ws_port"], token, last_seq))
+            after = asyncio.run(second_half(info["ws_port"], before[0]["resume_token"], final0["seq"]))
         finally:
             stop(proc)
     assert after[0]["type"] == "Begin" and after[0]["session_id"] == before[0]["session_id"]
     assert after[0]["audio_offset"] > 0  # where the client should replay from
-    finals = [m for m in before + after if m["type"] == "Results" and m["is_final"]]
+    assert after[1] == analysis0  # replayed from Redis by the new process: same seq, same tags
+    assert [m for m in after if m["type"] == "Analysis"][1:] and all(m["utterance_id"] == 1 for m in after[2:] if "utterance_id" in m)
+    finals = [m for m in acked + after if m["type"] == "Results" and m["is_final"]]
     assert [f["utterance_id"] for f in finals] == [0, 1]  # numbering continued; nothing repeated
-    seqs = [m["seq"] for m in before[1:] + after[1:]]
-    assert seqs == sorted(set(seqs))
+    assert finals[0] == final0
+    seqs = [m["seq"] for m in acked + after[1:]]
+    assert seqs == sorted(set(seqs)) and seqs[0] == 0  # in order, none twice, none lost before the kill
 
 
 def test_redis_restarted_while_serving(male_clip, tmp_path) -> None:  # type: ignore[no-untyped-def]
