@@ -6,6 +6,8 @@ in this process (no network: the servers' overhead is measured by the load tests
 For every utterance it records, in wall time:
 
 * first partial: from the speech's start in the audio to the first Partial;
+* endpoint: from the end of speech (the true end of the clip) to SpeechEnded, the VAD's
+  decision (the configured trailing silence plus the VAD's own lag);
 * final: from the end of speech (the true end of the clip, not the VAD's decision, so
   the configured trailing silence is included) to the Final;
 * analysis: from the Final to the Analysis (tags);
@@ -30,7 +32,7 @@ import torch
 
 from osum.audio import load_audio
 from streaming.engine import Engine, EngineOptions
-from streaming.events import Analysis, Final, Partial
+from streaming.events import Analysis, Final, Partial, SpeechEnded
 from streaming.session import SessionConfig
 
 CHUNK = 1600  # 100 ms
@@ -61,7 +63,7 @@ def program(seconds: float, rng: random.Random, pool: list[np.ndarray]) -> tuple
 async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]], cfg: SessionConfig) -> dict[str, list[float]]:
     s = await engine.open_session(cfg)
     sent_at: dict[int, float] = {}  # sample index at a chunk's end -> wall time it was sent
-    lat: dict[str, list[float]] = {"first_partial": [], "final": [], "analysis": []}
+    lat: dict[str, list[float]] = {"first_partial": [], "endpoint": [], "final": [], "analysis": []}
 
     def sent_time(sample: int) -> float:
         k = min((k for k in sent_at if k >= sample), default=max(sent_at))
@@ -76,6 +78,9 @@ async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]],
                 seen_partial.add(ev.utterance_id)
                 seg = min(segs, key=lambda se: abs(se[0] / 16000 - ev.start))
                 lat["first_partial"].append(now - sent_time(seg[0]))
+            elif isinstance(ev, SpeechEnded) and ev.reason == "silence":
+                seg = min(segs, key=lambda se: abs(se[1] / 16000 - ev.end))
+                lat["endpoint"].append(now - sent_time(seg[1]))
             elif isinstance(ev, Final):
                 seg = min(segs, key=lambda se: abs(se[1] / 16000 - ev.end))
                 lat["final"].append(now - sent_time(seg[1]))
@@ -142,6 +147,41 @@ def load(name: str, overlay: Path | None = None, quantize: str = "none"):  # typ
     return load_base_with_overlay(cache_dir() / "osum-mini", path, quantize=int8)
 
 
+def breakdown(model: object, cfg: SessionConfig, repeats: int = 3) -> None:
+    """The final pass's parts on one real utterance with an idle worker, and the floor they
+    put under "end of speech to Final" (best of ``repeats``)."""
+    from osum.audio import log_mel
+    from osum.inference import _pad_mels
+    from streaming.work import _budget, verify_and_decode
+
+    audio = clips()[0]
+    seconds = audio.size / 16000
+
+    def best(fn) -> tuple[float, object]:  # type: ignore[no-untyped-def]
+        out, times = None, []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+        return min(times), out
+
+    with torch.inference_mode():
+        mel, lengths = _pad_mels([log_mel(audio)])
+        enc, (speech, n) = best(lambda: model.encode_speech(mel, lengths))  # type: ignore[attr-defined]
+        speech = speech[0, : int(n[0])]
+        limit = _budget(seconds, 200)
+        dec, (tokens, _, _) = best(lambda: verify_and_decode(model, speech, [], [], limit))  # type: ignore[arg-type]
+        ver, _ = best(lambda: verify_and_decode(model, speech, [], tokens, limit))  # type: ignore[arg-type]
+    step = max(0.0, dec - ver) / max(1, len(tokens) - 1)  # the steps after the first pass
+    eager = cfg.eager_after_ms or cfg.vad.min_silence_ms
+    floor = max(cfg.vad.min_silence_ms, eager + (enc + ver) * 1000)
+    print(f"final pass parts, one {seconds:.1f} s utterance ({speech.shape[0]} speech frames, {len(tokens)} tokens), idle worker, best of {repeats}:")
+    print(f"  full-context encoder {enc * 1000:6.0f} ms | LLM pass verifying a right draft {ver * 1000:6.0f} ms | "
+          f"greedy decode from scratch {dec * 1000:6.0f} ms ({step * 1000:.0f} ms a token)")  # fmt: skip
+    print(f"  floor for end of speech -> Final with a right draft: max(endpoint {cfg.vad.min_silence_ms} ms, eager start "
+          f"{eager} ms + encoder + verifying pass) = {floor:.0f} ms")  # fmt: skip
+
+
 async def run_streams(model: object, progs: list, cfg: SessionConfig) -> tuple[list[dict[str, list[float]]], float, float]:  # type: ignore[type-arg]
     """All programs at once on one engine: per-stream latencies, CPU seconds, audio seconds."""
     engine = Engine(model, EngineOptions(max_sessions=max(64, len(progs))))
@@ -164,6 +204,7 @@ def main() -> None:
     ap.add_argument("--eager-final-ms", type=int, default=SessionConfig.eager_final_ms, help="0: eager finals off")
     ap.add_argument("--partial-step-ms", type=int, default=SessionConfig.partial_step_ms)
     ap.add_argument("--quantize", choices=("none", "int8"), default="none")
+    ap.add_argument("--breakdown", action="store_true", help="also time the final pass's parts on an idle worker")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load(args.model, args.overlay, args.quantize)
@@ -173,16 +214,19 @@ def main() -> None:
     name = (f"osum-mini + {args.overlay}" if args.overlay else args.model) + (" (LLM int8)" if args.quantize == "int8" else "")
     print(f"model {name}; {args.threads} threads; partial step {cfg.partial_step_ms} ms; endpoint silence "
           f"{cfg.vad.min_silence_ms} ms; eager final after {cfg.eager_after_ms} ms; {args.seconds:.0f} s of audio per stream")  # fmt: skip
-    print(f"{'streams':>7} {'utts':>5} | {'first partial P50/P95 ms':>25} | {'final P50/P95 ms':>17} | {'analysis P50/P95 ms':>20} | {'CPU/audio':>9}")
+    print(f"{'streams':>7} {'utts':>5} | {'first partial P50/P95 ms':>25} | {'endpoint P50/P95 ms':>20} | {'final P50/P95 ms':>17} | {'analysis P50/P95 ms':>20} | {'CPU/audio':>9}")
     for n in (int(x) for x in args.streams.split(",")):
         rng = random.Random(n)
         progs = [program(args.seconds, rng, pool) for _ in range(n)]
 
         res, cpu, audio_s = asyncio.run(run_streams(model, progs, cfg))
-        merged = {k: [x for r in res for x in r[k]] for k in ("first_partial", "final", "analysis")}
+        merged = {k: [x for r in res for x in r[k]] for k in ("first_partial", "endpoint", "final", "analysis")}
         print(f"{n:7d} {len(merged['final']):5d} | {pct(merged['first_partial'], 50)} / {pct(merged['first_partial'], 95):>6}          "
+              f"| {pct(merged['endpoint'], 50)} / {pct(merged['endpoint'], 95):>6}     "
               f"| {pct(merged['final'], 50)} / {pct(merged['final'], 95):>6} | {pct(merged['analysis'], 50)} / {pct(merged['analysis'], 95):>6}     "
               f"| {cpu / audio_s / args.threads:5.2f}")  # fmt: skip
+    if args.breakdown:
+        breakdown(model, cfg)
     print(f"memory per session, 30 s utterance (caches + audio + log-mel): {memory_per_session(model) / 1e6:.1f} MB")
 
 

@@ -140,12 +140,21 @@ class Scheduler:
                 log.exception("model work failed (%s x%d)", kind.__name__, len(batch))
                 err = ModelError(f"model work failed: {type(e).__name__}")
                 for _req, fut, loop in batch:
-                    loop.call_soon_threadsafe(_set_exception, fut, err)
+                    _hand_back(loop, _set_exception, fut, err)
                 continue
             self.batches += 1
             self.requests += len(batch)
             for (_req, fut, loop), res in zip(batch, results):
-                loop.call_soon_threadsafe(_set_result, fut, res)
+                _hand_back(loop, _set_result, fut, res)
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, setter: Any, fut: asyncio.Future[Any], value: Any) -> None:
+    """Give a result to the loop that asked for it; nobody waits any more if that loop has
+    closed meanwhile (a request still running when its engine stopped without draining)."""
+    try:
+        loop.call_soon_threadsafe(setter, fut, value)
+    except RuntimeError:  # "Event loop is closed"
+        pass
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:

@@ -162,6 +162,13 @@ class Endpointer:
         self.start, self._probs = cut, tail
         return events + [VadEvent("start", cut)]
 
+    @property
+    def trailing_silence_ms(self) -> float:
+        """How long the open utterance has been below the silence threshold (0: speaking, or no utterance)."""
+        if self.start is None or self._silence_since is None:
+            return 0.0
+        return (self.samples - self._silence_since) / (_RATE // 1000)
+
     def tentative_end(self, after_ms: int) -> int | None:
         """Where the open utterance will end if the silence that began at least ``after_ms``
         ago lasts to ``min_silence_ms`` (the end a ``silence`` event would then carry), or None.

@@ -20,7 +20,7 @@ from streaming.engine import (
     SessionNotFoundError,
     StateUnavailableError,
 )
-from streaming.events import Analysis, Error, Final, Partial, SpeechStarted
+from streaming.events import Analysis, Error, Final, Partial, SpeechEnded, SpeechStarted
 from streaming.scheduler import SchedulerOptions
 from streaming.session import SessionConfig
 from streaming.store import InMemoryStore, RedisStore
@@ -383,3 +383,40 @@ def test_a_send_cancelled_mid_feed_keeps_the_session_whole(tiny_model, male_clip
     finals = [e.utterance_id for e in events if isinstance(e, Final)]
     assert started and finals == started  # every utterance heard was finished, none opened after the end
     assert not [e for e in events if isinstance(e, Error)]
+
+
+def test_the_endpoint_is_published_while_the_model_is_busy(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """SpeechStarted and SpeechEnded (UtteranceEnd on the wire) go out when the VAD decides,
+    not after the model's request in flight: here the first request is held until the client
+    has seen the endpoint."""
+
+    async def main() -> list:  # type: ignore[type-arg]
+        engine = Engine(tiny_model, OPTS)
+        await engine.start()
+        release, held = asyncio.Event(), []
+        run = engine.scheduler.run
+
+        async def gated(req):  # type: ignore[no-untyped-def]
+            held.append(req)
+            await release.wait()
+            return await run(req)
+
+        engine.scheduler.run = gated  # type: ignore[method-assign]
+        s = await _talk(engine, np.concatenate([SIL, male_clip, SIL, SIL]))
+        events = []
+        try:
+            async with asyncio.timeout(20):
+                async for ev in s.events():
+                    events.append(ev)
+                    if isinstance(ev, SpeechEnded):
+                        break
+            assert len(held) == 1 and not release.is_set()  # the session's first request is still held
+        finally:
+            release.set()
+        events += await _collect(s)
+        await engine.stop()
+        return events
+
+    events = asyncio.run(main())
+    kinds = [type(e) for e in events]
+    assert kinds[:2] == [SpeechStarted, SpeechEnded] and Final in kinds and kinds[-1] is Analysis

@@ -266,31 +266,29 @@ def test_eager_final_discarded_when_speech_resumes(tiny_model, male_clip) -> Non
     assert f.transcript == offline.transcript
 
 
-def test_eager_final_waits_for_a_request_in_flight(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
-    """The endpoint fires while a partial is still running (as in the engine, where audio keeps
-    arriving): the eager Final waits for that partial's result, then comes, once."""
+def test_no_partial_after_the_eager_pass_so_the_final_comes_with_the_endpoint(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """Once the eager pass for the likely end is done, only silence follows: the session asks
+    for no partial until the endpoint (one would hold the worker when it comes, and the Final
+    would wait for it), and the Final comes in the same drain as SpeechEnded."""
     s = Session("s", SessionConfig(max_partial_tokens=4, tasks=(), partial_step_ms=160), tiny_model)
     pcm = (np.clip(np.concatenate([SIL, male_clip, SIL, SIL]), -1, 1) * 32767).astype("<i2").tobytes()
-    events, held, released = [], None, -1
-    for i in range(0, len(pcm), 3200):
-        s.feed(pcm[i : i + 3200])
-        while held is None and (req := s.next_work()) is not None:
+    asked: list[str] = []
+    ended_with_final = None
+    for i in range(0, len(pcm), 1600):
+        s.feed(pcm[i : i + 1600])
+        while (req := s.next_work()) is not None:
+            u = s._utts[0]
+            asked.append("eager" if isinstance(req, FinalRequest) and u.end is None else type(req).__name__)
             if isinstance(req, FinalRequest):
                 s.apply(req, run_finals(tiny_model, [req], max_new_tokens=FINAL_TOKENS)[0])
-            elif any(isinstance(e, SpeechEnded) for e in events) or s._utts[0].eager is None:
-                s.apply(req, run_partials(tiny_model, [req])[0])
             else:
-                held = (req, run_partials(tiny_model, [req])[0])  # a partial after the eager pass: keep it running
-        events += s.drain()
-        if held is not None and any(isinstance(e, SpeechEnded) for e in events):
-            assert not any(isinstance(e, Final) for e in events)  # the Final waits for the partial
-            released = len(events)
-            s.apply(*held)
-            held = None
-            events += s.drain()
-    assert released > 0  # the situation did arise: a partial was running at the endpoint
-    finals = [i for i, e in enumerate(events) if isinstance(e, Final)]
-    assert len(finals) == 1 and finals[0] >= released  # once, right after the partial's result
+                s.apply(req, run_partials(tiny_model, [req])[0])
+        events = s.drain()
+        if any(isinstance(e, SpeechEnded) for e in events):
+            ended_with_final = any(isinstance(e, Final) for e in events)
+    assert "eager" in asked and "FinalRequest" not in asked  # the eager result was the Final
+    assert "PartialRequest" in asked[: asked.index("eager")] and "PartialRequest" not in asked[asked.index("eager") :]
+    assert ended_with_final  # at the endpoint, at once
 
 
 def test_partials_reuse_the_sessions_llm_cache(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
