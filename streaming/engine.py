@@ -409,6 +409,8 @@ class LiveSession:
                         del self._final_arrival[next(iter(self._final_arrival))]
             elif isinstance(ev, Analysis):
                 t = self._final_arrival.pop(ev.utterance_id, None)
+            if t is not None:
+                self.engine.metrics.latency.labels(ev.type).observe(now - t)
             out.append(ev if t is None else dataclasses.replace(ev, processing_latency_ms=round((now - t) * 1000, 1)))
         keep = self.session.pending_from()
         while self._arrivals and self._arrivals[0][0] < keep:  # no event to come ends before `keep`

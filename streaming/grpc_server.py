@@ -161,7 +161,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
         try:
             return await self.auth.authenticate(credential_from(context.invocation_metadata() or ()))
         except OsumError as e:
-            await _abort(context, e)
+            await _abort(self.engine, context, e)
             raise  # not reached: abort raises
 
     async def StreamingRecognize(  # noqa: N802 (gRPC's method name)
@@ -172,7 +172,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
         except StopAsyncIteration:
             return
         except TimeoutError:
-            await _abort(context, IdleTimeoutError(f"no streaming_config within {self.idle_timeout_s:g} s"))
+            await _abort(self.engine, context, IdleTimeoutError(f"no streaming_config within {self.idle_timeout_s:g} s"))
         # Auth after reading the config message, before any work: refusing while the client is
         # still writing its first message makes grpc-python clients report INTERNAL instead of
         # our status (their writer's error wins). Clients should send audio after the begin response.
@@ -185,7 +185,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
             session = await self.engine.open_session(cfg, resume=sc.resume_token or None,
                                                      last_seq=sc.last_seq if sc.resume_token else -1, owner=who.name)  # fmt: skip
         except OsumError as e:  # a draining engine says shutting_down: UNAVAILABLE, resume elsewhere
-            await _abort(context, e)
+            await _abort(self.engine, context, e)
         reader = asyncio.create_task(self._read(requests, session))
         try:
             yield pb.StreamingRecognizeResponse(seq=-1, session_id=session.id, resume_token=session.resume_token,
@@ -193,12 +193,12 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
             async for ev in session.events():
                 yield to_response(ev)
             if reader.done() and reader.exception() is not None:
-                await _abort(context, reader.exception())  # type: ignore[arg-type]
+                await _abort(self.engine, context, reader.exception())  # type: ignore[arg-type]
             if not reader.done() and not self.engine.accepting:
                 # The session ended on the server's side (the client had not half-closed) because the
                 # server drains: every result of the open utterance has been sent above. A plain OK
                 # would read as "the stream is complete"; UNAVAILABLE tells the client to resume.
-                await _abort(context, ShuttingDownError("the server is shutting down; resume the session on another replica"))
+                await _abort(self.engine, context, ShuttingDownError("the server is shutting down; resume the session on another replica"))
         finally:
             reader.cancel()
             # A cancelled call (the client went away) may be cancelled again while this cleans up,
@@ -240,7 +240,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
             request = _parsed(request, "RecognizeRequest")
             finals, analyses = await recognize_file(self.engine, request.config, request.audio, who.name)
         except OsumError as e:
-            await _abort(context, e)
+            await _abort(self.engine, context, e)
         return pb.RecognizeResponse(
             results=[to_response(f).results[0] for f in finals], analyses=[to_response(a).analysis for a in analyses]
         )
@@ -254,7 +254,9 @@ async def _settle(reader: asyncio.Task[None], session: Any) -> None:
     await session.abort()  # end() is idempotent; then wait until the session has closed
 
 
-async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
+async def _abort(engine: Engine, context: grpc.aio.ServicerContext, e: BaseException) -> None:
+    """End the call with ``e``'s status (counted in ``osum_calls_failed_total``); raises."""
+    engine.metrics.failed.labels("grpc", e.code if isinstance(e, OsumError) else "internal").inc()
     if isinstance(e, OsumError):
         if e.code in RETRY_CODES:
             context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))

@@ -10,6 +10,8 @@ A registry per engine, so that several engines in one process (tests) do not col
 | ``osum_audio_seconds_total`` | counter | audio received, seconds |
 | ``osum_events_total`` | counter | events sent, by ``type`` |
 | ``osum_errors_total`` | counter | error events, by ``code`` |
+| ``osum_calls_failed_total`` | counter | calls a server refused or ended with an error, by ``protocol`` (grpc, ws, realtime, http) and ``code`` |
+| ``osum_result_latency_seconds`` | histogram | ``processing_latency_ms`` of the results sent (audio arrived -> result handed over), by ``type`` |
 | ``osum_work_seconds`` | histogram | queue wait + model time of a request, by ``kind`` |
 | ``osum_queue_depth`` | gauge | requests waiting for the model worker |
 """
@@ -33,6 +35,9 @@ class EngineMetrics:
         self.audio = Counter("osum_audio_seconds", "Audio received, seconds", registry=r)
         self.events = Counter("osum_events", "Events sent", ["type"], registry=r)
         self.errors = Counter("osum_errors", "Error events", ["code"], registry=r)
+        self.failed = Counter("osum_calls_failed", "Calls a server refused or ended with an error", ["protocol", "code"], registry=r)
+        self.latency = Histogram("osum_result_latency_seconds", "Audio arrived -> result handed to the connection",
+                                 ["type"], buckets=_BUCKETS, registry=r)  # fmt: skip
         self.work = Histogram("osum_work_seconds", "Queue wait plus model time per request", ["kind"], buckets=_BUCKETS, registry=r)
         self.queue = Gauge("osum_queue_depth", "Requests waiting for the model worker", registry=r)
 

@@ -131,6 +131,7 @@ class _Connection:
         try:
             await self._read()
         except OsumError as e:
+            self.engine.metrics.failed.labels("realtime", e.code).inc()
             await self.error(e.code, with_hint(e.code, str(e)))
             await self._finish(ws_close_code(e.code), str(e)[:120])
             return

@@ -35,6 +35,7 @@ from osum.errors import OsumError
 
 from .auth import ANONYMOUS, Authenticator, Principal, UnauthenticatedError, credential_from
 from .engine import Engine, LiveSession
+from .metrics import EngineMetrics
 from .session import SessionConfig
 from .status import IdleTimeoutError, with_hint, ws_close_code
 from .ws_messages import ProtocolError, event_message, listen_request, parse_client_text
@@ -119,6 +120,7 @@ class ListenHandler:
         try:
             session = await self._open(ws, params)
         except OsumError as e:
+            self.engine.metrics.failed.labels("ws", e.code).inc()
             await _close_with_error(ws, e.code, with_hint(e.code, str(e)), ws_close_code(e.code))
             return
         except ConnectionClosed:  # the client left (or broke a frame) before its session began: nothing to clean up
@@ -135,6 +137,7 @@ class ListenHandler:
         if reader.done():
             error = reader.exception()
             if isinstance(error, OsumError):
+                self.engine.metrics.failed.labels("ws", error.code).inc()
                 await _send_error(ws, error.code, with_hint(error.code, str(error)))
             elif error is not None and not isinstance(error, ConnectionClosed):
                 log.error("session %s: reader failed", session.id, exc_info=error, extra={"session_id": session.id})
@@ -219,8 +222,10 @@ WS_PATHS = ("/v1/listen", "/v1/realtime")
 HttpRoutes = Callable[[ServerConnection, Request], Awaitable[Response | None]]
 
 
-def request_hook(auth: Authenticator, http: HttpRoutes | None) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
-    """Before the handshake: plain HTTP routes, then authentication of WebSocket requests."""
+def request_hook(auth: Authenticator, http: HttpRoutes | None,
+                 metrics: EngineMetrics | None = None) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:  # fmt: skip
+    """Before the handshake: plain HTTP routes, then authentication of WebSocket requests
+    (a refusal is counted in ``metrics``: protocol ``http``, code ``unauthenticated``)."""
 
     async def process_request(conn: ServerConnection, request: Request) -> Response | None:
         if http is not None and (resp := await http(conn, request)) is not None:
@@ -236,6 +241,8 @@ def request_hook(auth: Authenticator, http: HttpRoutes | None) -> Callable[[Serv
             del resp.headers["Content-Type"]
             resp.headers["Content-Type"] = "application/json"
             log.info("refused an unauthenticated %s request", url.path, extra={"code": e.code})
+            if metrics is not None:
+                metrics.failed.labels("http", e.code).inc()
             return resp
         conn.osum_principal = who  # type: ignore[attr-defined]
         return None
@@ -255,7 +262,7 @@ async def serve_ws(engine: Engine, host: str = "127.0.0.1", port: int = 0, auth:
     returns it and the bound port."""
     server = await serve(
         ListenHandler(engine, idle_timeout_s), host, port, max_size=max_frame_bytes, compression=None,
-        process_request=request_hook(auth or Authenticator(), http), select_subprotocol=_select_subprotocol,
+        process_request=request_hook(auth or Authenticator(), http, engine.metrics), select_subprotocol=_select_subprotocol,
     )  # fmt: skip
     bound = next(iter(server.sockets)).getsockname()[1]
     return server, bound

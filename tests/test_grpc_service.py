@@ -293,6 +293,9 @@ def test_a_bad_client_does_not_disturb_a_concurrent_session(tiny_model, male_cli
             await healthy.send(audio[: len(audio) // 2])
             got = await bad(channel, engine, male_clip)
             assert got[0] == code and details in got[1], got
+            counted = {s.labels["code"]: s.value for s in engine.metrics.failed.collect()[0].samples if s.name.endswith("_total")}
+            # /metrics counts what the server refused, by code (grpc refuses oversized messages itself)
+            assert counted == {"garbage protobuf": {"protocol_error": 1.0}, "unsupported sample rate": {"invalid_config": 1.0}}.get(case, {})
             await healthy.send(audio[len(audio) // 2 :])
             healthy.close()
             assert await healthy.status() == grpc.StatusCode.OK

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import urllib.error
 import urllib.request
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -25,10 +27,29 @@ def test_serve_streams_reports_health_and_drains_on_sigterm(male_clip) -> None: 
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10).read() == b"ready\n"
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         assert "osum_sessions_active 0.0" in metrics and "osum_queue_depth" in metrics
+        pcm = (np.concatenate([SIL, male_clip, SIL]) * 32767).astype("<i2").tobytes()
+
+        async def a_call_and_a_refused_one() -> None:
+            async with connect(f"ws://127.0.0.1:{port}/v1/listen?tasks=emotion") as ws:
+                await ws.send(pcm)
+                await ws.send(json.dumps({"type": "CloseStream"}))
+                async for _ in ws:
+                    pass
+            with contextlib.suppress(ConnectionClosed):
+                async with connect(f"ws://127.0.0.1:{port}/v1/listen?tasks=karaoke") as ws:  # invalid_config, 4400
+                    async for _ in ws:
+                        pass
+
+        asyncio.run(a_call_and_a_refused_one())
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert values[("osum_sessions_opened_total", (("resumed", "false"),))] == 1
+        assert abs(values[("osum_audio_seconds_total", ())] - len(pcm) / 32000) < 0.01
+        assert values[("osum_result_latency_seconds_count", (("type", "Final"),))] >= 1
+        assert values[("osum_calls_failed_total", (("code", "invalid_config"), ("protocol", "ws")))] == 1
 
         async def talk() -> list[dict]:
             async with connect(f"ws://127.0.0.1:{port}/v1/listen?tasks=emotion") as ws:
-                pcm = (np.concatenate([SIL, male_clip, SIL]) * 32767).astype("<i2").tobytes()
                 await ws.send(pcm)
                 await asyncio.sleep(0.5)
                 proc.send_signal(signal.SIGTERM)  # mid-stream: the open utterance must still be finished

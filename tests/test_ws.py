@@ -217,6 +217,8 @@ def test_bad_input_battery(tiny_model, male_clip, usual_finals, caplog, frames, 
         assert not [m for m in healthy if m["type"] == "Error"]
         await _opens_and_closes(url)
         await _gone(engine)
+        failed = {s.labels["code"]: s.value for s in engine.metrics.failed.collect()[0].samples if s.name.endswith("_total")}
+        assert failed == ({error: 1.0} if error else {})  # /metrics counts the refusal by its code, once
 
     asyncio.run(_with_server(tiny_model, body))
     assert _server_errors(caplog) == []
