@@ -37,6 +37,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -61,17 +62,35 @@ DEFAULT_RATE = 24000  # OpenAI's pcm16
 MANUAL_SILENCE_MS = 10000  # turn_detection null: commits end turns
 
 
-def config_from_session(session: dict[str, Any], base: SessionConfig) -> SessionConfig:
-    """An OpenAI ``session`` object (GA or beta shape) -> SessionConfig. Raises InvalidConfigError."""
-    if not isinstance(session, dict):
-        raise InvalidConfigError("session must be an object")
-    audio_in = (session.get("audio") or {}).get("input") or {}
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """``value`` as a JSON object (absent or null: empty). Raises InvalidConfigError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidConfigError(f"{what} must be an object")
+    return value
+
+
+def _number(value: Any, what: str, integral: bool = False) -> float:
+    """A finite JSON number (an integral one with ``integral``). Raises InvalidConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidConfigError(f"{what} must be a number, got {value!r}")
+    if integral and value != int(value):
+        raise InvalidConfigError(f"{what} must be a whole number, got {value!r}")
+    return value
+
+
+def config_from_session(session: Any, base: SessionConfig) -> SessionConfig:
+    """An OpenAI ``session`` object (GA or beta shape) -> SessionConfig. Total: anything else
+    than a valid session raises InvalidConfigError (tested with hypothesis)."""
+    session = _object(session, "session")
+    audio_in = _object(_object(session.get("audio"), "session.audio").get("input"), "session.audio.input")
     rate = base.audio.sample_rate
     fmt = audio_in.get("format", session.get("input_audio_format"))
     if isinstance(fmt, dict):
         if fmt.get("type", "audio/pcm") != "audio/pcm":
             raise InvalidConfigError(f"only audio/pcm input is supported, got {fmt.get('type')!r}")
-        rate = int(fmt.get("rate", DEFAULT_RATE))
+        rate = int(_number(fmt.get("rate", DEFAULT_RATE), "format.rate", integral=True))
     elif fmt is not None:
         if fmt != "pcm16":
             raise InvalidConfigError(f"only pcm16 input is supported, got {fmt!r}")
@@ -85,17 +104,21 @@ def config_from_session(session: dict[str, Any], base: SessionConfig) -> Session
         elif isinstance(td, dict):
             if td.get("type", "server_vad") != "server_vad":
                 raise InvalidConfigError(f"turn_detection type {td.get('type')!r} is not supported (server_vad or null)")
-            vad = VadOptions(threshold=float(td.get("threshold", vad.threshold)),
-                             min_silence_ms=int(td.get("silence_duration_ms", vad.min_silence_ms)),
-                             min_speech_ms=vad.min_speech_ms, max_utterance_s=vad.max_utterance_s)  # fmt: skip
+            silence = _number(td.get("silence_duration_ms", vad.min_silence_ms), "turn_detection.silence_duration_ms", integral=True)
+            vad = VadOptions(threshold=float(_number(td.get("threshold", vad.threshold), "turn_detection.threshold")),
+                             min_silence_ms=int(silence), min_speech_ms=vad.min_speech_ms,
+                             max_utterance_s=vad.max_utterance_s)  # fmt: skip
         else:
             raise InvalidConfigError("turn_detection must be an object or null")
-    ext = session.get("osum") or {}
+    ext = _object(session.get("osum"), "session.osum")
     tasks = ext.get("tasks", list(base.tasks))
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise InvalidConfigError("osum.tasks must be a list of task names")
+    chat = ext.get("chat", base.chat)
+    if not isinstance(chat, bool):
+        raise InvalidConfigError(f"osum.chat must be true or false, got {chat!r}")
     return replace(base, audio=AudioFormat(encoding="pcm16", sample_rate=rate, channels=1), vad=vad,
-                   tasks=tuple(tasks), chat=bool(ext.get("chat", base.chat)))  # fmt: skip
+                   tasks=tuple(tasks), chat=chat)  # fmt: skip
 
 
 def _describe(cfg: SessionConfig) -> dict[str, Any]:
