@@ -211,6 +211,18 @@ def test_grpc_needs_a_key_health_does_not(tiny_model, male_clip) -> None:
                     async for _ in call:
                         pass
                 assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+                async def mute():  # type: ignore[no-untyped-def]
+                    await asyncio.sleep(30)  # not even the config message
+                    yield cfg()
+
+                call = stub.StreamingRecognize(mute(), metadata=(("authorization", f"Bearer {KEY}"),))
+                with pytest.raises(grpc.aio.AioRpcError):
+                    async for _ in call:
+                        pass
+                assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "no streaming_config within 1 s" in await call.details()
+                assert not engine.sessions
                 health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
         finally:

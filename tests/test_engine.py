@@ -156,6 +156,33 @@ def test_redis_store_layout(tmp_path: Path) -> None:
         asyncio.run(main())
 
 
+def test_resume_after_the_ttl_is_refused_and_the_global_stream_is_trimmed(tiny_model, male_clip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Past the store's TTL a resume token finds nothing (session_not_found: open a new
+    session); the global analytics stream stays near ``global_maxlen`` however many results come."""
+
+    async def main() -> None:
+        store = RedisStore(url, ttl_s=1, global_maxlen=10)
+        await store.redis.config_set("stream-node-max-entries", 5)  # MAXLEN ~ trims whole nodes: small ones here
+        engine = Engine(tiny_model, OPTS, store=store)
+        await engine.start()
+        s = await _talk(engine, np.concatenate([SIL, male_clip, SIL]))
+        await _collect(s)
+        again = await engine.open_session(CFG, resume=s.resume_token)  # within the TTL: the same session
+        assert again.id == s.id
+        await again.end()
+        await _collect(again)
+        await asyncio.sleep(2.5)  # past the TTL (Redis expires the keys itself)
+        with pytest.raises(SessionNotFoundError, match="expired"):
+            await engine.open_session(CFG, resume=s.resume_token)
+        for seq in range(60):
+            await store.add_result("other", {"type": "Final", "seq": seq})
+        assert 10 <= await store.redis.xlen("osum:results") <= 15
+        await engine.stop()
+
+    with redis_server(tmp_path) as url:
+        asyncio.run(main())
+
+
 def test_slow_client_loses_only_its_session(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         engine = Engine(tiny_model, replace(OPTS, event_queue=1, slow_consumer_s=0.2))
