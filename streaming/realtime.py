@@ -210,8 +210,8 @@ class _Connection:
                 return False
             try:
                 self.config = config_from_session(msg.get("session") or {}, self.config)
-            except (InvalidConfigError, TypeError, ValueError) as e:
-                await self.error("invalid_config", str(e), eid)
+            except OsumError as e:  # config_from_session is total: nothing else comes out of it
+                await self.error(e.code, str(e), eid)
                 return False
             await self.send(kind.replace(".update", ".updated"), session=_describe(self.config))
         elif kind == "input_audio_buffer.append":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import base64
 import json
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import soxr
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from osum.errors import InvalidConfigError
 from streaming.audio import AudioFormat
@@ -99,3 +101,44 @@ def test_realtime_transcription_over_the_engine(tiny_model, male_clip) -> None:
     assert analysis and analysis[0]["item_id"] == completed[0]["item_id"] and set(analysis[0]["tags"]) == {"emotion"}
     assert all(e["event_id"].startswith("event_") for e in events)
     assert all(e["delta"] for e in events if e["type"].endswith(".delta"))  # append-only increments, never empty
+
+
+def test_realtime_bad_events_and_capacity(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """A binary frame and a session.update with junk values are errors and the stream goes on;
+    over capacity, the first audio is refused: error over_capacity with the retry hint, close 1013."""
+
+    async def main() -> None:
+        engine = Engine(tiny_model, OPTS)
+        await engine.start()
+        server, port = await serve_ws(engine)
+        url = f"ws://127.0.0.1:{port}/v1/realtime"
+        try:
+            async with connect(url) as ws:
+                assert json.loads(await ws.recv())["type"] == "session.created"
+                for bad, code in ((b"\x00\x01", "invalid_event"),
+                                  (json.dumps({"type": "session.update", "session": {"audio": [1]}}), "invalid_config"),
+                                  (json.dumps({"type": "session.update", "session": {"turn_detection": {"threshold": None}}}), "invalid_config"),
+                                  (json.dumps({"type": "session.update", "session": {"osum": {"chat": "no"}}}), "invalid_config")):  # fmt: skip
+                    await ws.send(bad)
+                    err = json.loads(await ws.recv())
+                    assert err["type"] == "error" and err["error"]["code"] == code, err
+                await ws.send(json.dumps({"type": "session.update", "session": {}}))
+                assert json.loads(await ws.recv())["type"] == "session.updated"  # still serving this client
+            engine.opt = dataclasses.replace(engine.opt, max_sessions=1)
+            await engine.open_session(SessionConfig())  # full
+            msgs = []
+            async with connect(url) as ws:
+                await ws.recv()
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(_pcm24(male_clip[:1600])).decode()}))
+                with contextlib.suppress(ConnectionClosed):
+                    async for m in ws:
+                        msgs.append(json.loads(m))
+            assert ws.close_code == 1013
+            assert msgs[-1]["error"]["code"] == "over_capacity" and "retry after" in msgs[-1]["error"]["message"]
+            assert engine.metrics.failed.labels("realtime", "over_capacity")._value.get() == 1
+        finally:
+            server.close()
+            await server.wait_closed()
+            await engine.stop()
+
+    asyncio.run(main())
