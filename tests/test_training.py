@@ -252,3 +252,35 @@ def test_export_ships_fp16_weights_with_a_card_that_claims_only_transcription(ti
     save_file({"speech_llama_proj.weight": torch.full((2, 2), 1e6)}, str(bad / "best.safetensors"))
     with pytest.raises(CheckpointError, match="fp16"):
         export_overlay(bad, tmp_path / "bad.safetensors")
+
+
+def test_a_run_starts_from_shipped_weights(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """init may name an exported overlay (what the repository ships): a new run on another
+    machine, without the old run directory, goes on from exactly those weights."""
+    from osum.train.export import export_overlay
+    from osum.train.trainer import overlay_state_dict
+
+    cfg, model = tiny_run
+    joint = replace(cfg, stage="joint", steps=3, eval_every=3, lr_lora=1e-2)
+    first = _trainer(tmp_path / "first", joint, model)
+    first.train(say=lambda s: None)
+    shipped = tmp_path / "ship" / "osum-mini.safetensors"
+    export_overlay(tmp_path / "first", shipped)
+
+    again = _trainer(tmp_path / "again", replace(joint, init=str(shipped)), model)
+    assert again.step == 0
+    got, want = overlay_state_dict(again.model), overlay_state_dict(first.model)
+    assert set(got) == set(want) and any("lora_B" in k for k in got)
+    for k in want:  # the overlay is fp16: equal up to its rounding
+        torch.testing.assert_close(got[k], want[k], atol=2e-3, rtol=1e-3)
+    fresh = _trainer(tmp_path / "fresh", joint, model)
+    assert not torch.allclose(overlay_state_dict(fresh.model)["speech_llama_proj.weight"], want["speech_llama_proj.weight"])
+    again.train(say=lambda s: None)  # and it trains on from there
+    assert (tmp_path / "again" / "last.pt").is_file()
+
+    ctc_only = tmp_path / "ctc.safetensors"  # weights without this run's LoRA are refused, not half-loaded
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in want.items() if "lora" not in k}, str(ctc_only))
+    with pytest.raises(ValueError, match="lacks"):
+        _trainer(tmp_path / "bad", replace(joint, init=str(ctc_only)), model)

@@ -52,7 +52,10 @@ class RunConfig:
     data: str = ""  # data directory (manifest + audio)
     feats: str = ""  # cached encoder outputs
     base: str = ""  # prepared osum-mini directory
-    init: str | None = None  # a run directory whose last.pt initialises this one
+    # what initialises this run: a run directory (its last.pt), or shipped weights (an exported
+    # overlay, e.g. osum/weights/osum-mini.safetensors: adapter, boundary embeddings, LoRA; the
+    # CTC head's blank and scale start anew), so that training goes on on a machine without the run
+    init: str | None = None
     steps: int = 3000
     batch_size: int = 32
     lr: float = 2e-3  # adapter and heads
@@ -182,6 +185,14 @@ class Trainer:
         self.best_wer = float("inf")
         if (run / "last.pt").is_file():
             self._restore(run / "last.pt", full=True)
+        elif cfg.init and cfg.init.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            shipped = {k: v.float() for k, v in load_file(cfg.init, device=str(self.device)).items()}
+            missing = set(overlay_state_dict(self.model)) - set(shipped)
+            if missing:  # e.g. a joint run from an overlay without LoRA, or another model's file
+                raise ValueError(f"{cfg.init} lacks {len(missing)} of this run's trainable tensors, e.g. {sorted(missing)[0]}")
+            self._load_weights(shipped)
         elif cfg.init:
             self._restore(Path(cfg.init) / "last.pt", full=False)
             if cfg.stage == "joint" and cfg.match_embedding_norm:
@@ -214,7 +225,16 @@ class Trainer:
 
     def _restore(self, path: Path, full: bool) -> None:
         state = torch.load(path, weights_only=False, map_location=self.device)
-        w = state["weights"]
+        self._load_weights(state["weights"])
+        if full:
+            self.opt.load_state_dict(state["opt"])
+            self.step, self.best_wer = state["step"], state["best_wer"]
+            self.rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+
+    def _load_weights(self, w: dict[str, torch.Tensor]) -> None:
+        """Trainable weights by name (a checkpoint's or an overlay's); what is absent keeps its
+        value (a joint run from a CTC run: LoRA starts at zero)."""
         self.model.load_state_dict({k: v for k, v in w.items() if not k.startswith(("ctc.", "llm."))}, strict=False)
         lora = {k: v for k, v in w.items() if k.startswith("llm.")}
         if lora:
@@ -226,11 +246,6 @@ class Trainer:
         ctc = {k[4:]: v for k, v in w.items() if k.startswith("ctc.")}
         if ctc and ctc["vocab"].shape == self.ctc.vocab.shape:
             self.ctc.load_state_dict(ctc)
-        if full:
-            self.opt.load_state_dict(state["opt"])
-            self.step, self.best_wer = state["step"], state["best_wer"]
-            self.rng.setstate(state["rng"])
-            torch.set_rng_state(state["torch_rng"])
 
     @torch.no_grad()
     def _match_embedding_norm(self) -> None:
@@ -476,7 +491,9 @@ def main() -> None:
     cfg = RunConfig.load(src) if src.is_file() else RunConfig()
     defaults = {"data": str(root / "train" / "data"), "feats": str(root / "train" / "feats"), "base": str(root / "osum-mini")}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if not getattr(cfg, k)})
-    if cfg.init and not Path(cfg.init).is_absolute():  # a run name: a sibling of this run
+    if cfg.init and cfg.init.endswith(".safetensors"):  # shipped weights: a path from here
+        cfg = dataclasses.replace(cfg, init=str(Path(cfg.init).resolve()))
+    elif cfg.init and not Path(cfg.init).is_absolute():  # a run name: a sibling of this run
         cfg = dataclasses.replace(cfg, init=str(args.run.parent / cfg.init))
     trainer = Trainer(args.run, cfg)
     if args.reset_best:
