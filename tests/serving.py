@@ -24,6 +24,22 @@ def start_serve(args: list[str], env_extra: dict[str, str] | None = None) -> tup
     return proc, json.loads(line)
 
 
+def stop_serve(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Kill ``proc`` if it still runs, reap it and close its pipes (after a test, whatever happened)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def json_logs(proc: subprocess.Popen) -> list[dict]:  # type: ignore[type-arg]
+    """The structured log records an exited ``osum-serve`` wrote to stderr."""
+    assert proc.stderr is not None
+    return [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+
+
 def pcm16(x: np.ndarray) -> bytes:
     return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 

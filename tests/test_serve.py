@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from .serving import start_serve
+from .serving import json_logs, start_serve, stop_serve
 
 SIL = np.zeros(16000, np.float32)
 
@@ -65,19 +65,13 @@ def test_serve_streams_reports_health_and_drains_on_sigterm(male_clip) -> None: 
         msgs = asyncio.run(talk())
         assert any(m["type"] == "Results" and m["is_final"] for m in msgs)
         assert proc.wait(timeout=60) == 0
-        assert proc.stderr is not None
-        logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        logs = json_logs(proc)
         assert any("private redis-server" in r["msg"] for r in logs) and any(r["msg"] == "stopped" for r in logs)
         opened = [r for r in logs if r["msg"].startswith("session opened")]
         assert opened and opened[0]["session_id"] and opened[0]["key"] == "anonymous"  # structured, per session
         assert any(r["msg"] == "auth is OFF: anyone who can reach the ports may open sessions (local use only)" for r in logs)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        stop_serve(proc)
 
 
 def test_a_session_survives_kill_9_of_the_server(male_clip, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -85,11 +79,6 @@ def test_a_session_survives_kill_9_of_the_server(male_clip, tmp_path) -> None:  
     up to utterance 0's Final when the server was killed, so the Analysis stored before the
     kill is replayed from Redis, once and unchanged; numbering goes on; nothing twice."""
     from .redis_server import redis_server
-
-    def stop(proc) -> None:  # type: ignore[no-untyped-def]
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
     speech = (np.concatenate([SIL, male_clip, SIL]) * 32767).astype("<i2").tobytes()
 
@@ -116,7 +105,7 @@ def test_a_session_survives_kill_9_of_the_server(male_clip, tmp_path) -> None:  
             proc.send_signal(signal.SIGKILL)  # no drain, no goodbye
             proc.wait(timeout=30)
         finally:
-            stop(proc)
+            stop_serve(proc)
         final0 = next(m for m in before if m["type"] == "Results" and m["is_final"])
         analysis0 = before[-1]
         acked = [m for m in before[1:] if m["seq"] <= final0["seq"]]  # what the client had processed
@@ -124,7 +113,7 @@ def test_a_session_survives_kill_9_of_the_server(male_clip, tmp_path) -> None:  
         try:
             after = asyncio.run(second_half(info["ws_port"], before[0]["resume_token"], final0["seq"]))
         finally:
-            stop(proc)
+            stop_serve(proc)
     assert after[0]["type"] == "Begin" and after[0]["session_id"] == before[0]["session_id"]
     assert after[0]["audio_offset"] > 0  # where the client should replay from
     assert after[1] == analysis0  # replayed from Redis by the new process: same seq, same tags

@@ -24,7 +24,7 @@ from streaming.scheduler import SchedulerOptions
 from streaming.work import FinalRequest
 from streaming.ws_server import serve_ws
 
-from .serving import pcm16, start_serve
+from .serving import json_logs, pcm16, start_serve, stop_serve
 
 SIL = np.zeros(16000, np.float32)
 OPTS = EngineOptions(scheduler=SchedulerOptions(final_max_tokens=6))
@@ -202,13 +202,7 @@ def test_sigterm_drains_a_grpc_stream_then_unavailable(male_clip) -> None:  # ty
         finals = [r for r in got if r.results and r.results[0].is_final]
         assert len(finals) == 1 and finals[0].results[0].utterance_id == 0  # the open utterance, finished
         assert proc.wait(timeout=60) == 0
-        assert proc.stderr is not None
-        logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        logs = json_logs(proc)
         assert any("no REDIS_URL and no redis-server: session state in memory" in r["msg"] and r["level"] == "warning" for r in logs)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        stop_serve(proc)
