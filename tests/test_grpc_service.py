@@ -103,7 +103,7 @@ async def _server(model, store=None):  # type: ignore[no-untyped-def]
     server, port = await serve(engine, "127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield engine, server, channel
+        yield engine, server, channel, f"127.0.0.1:{port}"
     finally:
         await channel.close()
         await server.stop(None)
@@ -117,7 +117,7 @@ def test_drain_sends_the_open_utterance_then_unavailable(tiny_model, male_clip) 
     store = InMemoryStore()
 
     async def main() -> None:
-        async with _server(tiny_model, store) as (engine, server, channel):
+        async with _server(tiny_model, store) as (engine, server, channel, _):
             stub = speech_pb2_grpc.SpeechStub(channel)
             live = Stream(stub)
             await live.begun.wait()
@@ -150,7 +150,7 @@ def test_drain_sends_the_open_utterance_then_unavailable(tiny_model, male_clip) 
             assert last.HasField("analysis") and last.analysis.utterance_id == started.speech_event_utterance_id
 
         # the client resumes on another server sharing the store: same session, nothing replayed twice
-        async with _server(tiny_model, store) as (_, _, channel):
+        async with _server(tiny_model, store) as (_, _, channel, _):
             begin = live.responses[0]
             resumed = Stream(speech_pb2_grpc.SpeechStub(channel), _config(resume_token=begin.resume_token, last_seq=last.seq))
             await resumed.begun.wait()
@@ -171,7 +171,7 @@ def test_resume_after_a_disconnect_replays_only_what_was_not_processed(tiny_mode
     first_part = len(SIL) * 2 + len(male_clip)  # samples: utterance 0 and the silence that ends it
 
     async def main() -> None:
-        async with _server(tiny_model) as (engine, _, channel):
+        async with _server(tiny_model) as (engine, _, channel, _):
             stub = speech_pb2_grpc.SpeechStub(channel)
             one = Stream(stub)
             await one.begun.wait()
@@ -226,7 +226,7 @@ def expected_finals(tiny_model, male_clip) -> list[str]:  # type: ignore[no-unty
 # Bad clients: each acts while a healthy stream is open, and returns its call's status and details.
 
 
-async def _garbage_protobuf(channel, engine, clip) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+async def _garbage_protobuf(channel, engine, clip, address) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
     raw = channel.stream_stream(f"/{SPEECH}/StreamingRecognize", request_serializer=None,
                                 response_deserializer=pb.StreamingRecognizeResponse.FromString)  # fmt: skip
 
@@ -239,7 +239,7 @@ async def _garbage_protobuf(channel, engine, clip) -> tuple[grpc.StatusCode, str
     return await _ended(raw(requests()))
 
 
-async def _oversized_message(channel, engine, clip) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+async def _oversized_message(channel, engine, clip, address) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
     async def requests() -> AsyncIterator[pb.StreamingRecognizeRequest]:
         yield _config()
         await asyncio.sleep(0.2)
@@ -249,14 +249,14 @@ async def _oversized_message(channel, engine, clip) -> tuple[grpc.StatusCode, st
     return await _ended(speech_pb2_grpc.SpeechStub(channel).StreamingRecognize(requests()))
 
 
-async def _unsupported_sample_rate(channel, engine, clip) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+async def _unsupported_sample_rate(channel, engine, clip, address) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
     first = _config()
     first.streaming_config.config.sample_rate_hertz = 96000  # the documented range is 8 to 48 kHz
     s = Stream(speech_pb2_grpc.SpeechStub(channel), first)
     return await s.status(), await s.call.details()
 
 
-async def _client_disconnect(channel, engine, clip) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+async def _client_disconnect(channel, engine, clip, address) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
     s = Stream(speech_pb2_grpc.SpeechStub(channel))
     await s.begun.wait()
     sid = s.responses[0].session_id
@@ -272,11 +272,35 @@ async def _client_disconnect(channel, engine, clip) -> tuple[grpc.StatusCode, st
     return status
 
 
+async def _half_sent_frame(channel, engine, clip, address) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    """A raw HTTP/2 client: the preface, a HEADERS frame for a new stream cut off half-way, then
+    a TCP reset. The server answered the preface (its SETTINGS frame), and no session began."""
+    import socket
+    import struct
+
+    opened = sum(s.value for s in engine.metrics.opened.collect()[0].samples if s.name.endswith("_total"))
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.settimeout(10)
+    frame = lambda length, kind, flags, stream: struct.pack(">I", length)[1:] + bytes([kind, flags]) + struct.pack(">I", stream)  # noqa: E731
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0, 0x4, 0, 0))  # preface + empty SETTINGS
+    reply = await asyncio.to_thread(sock.recv, 9)
+    sock.sendall(frame(64, 0x1, 0x4, 1) + b"\x83\x86")  # HEADERS announcing 64 bytes: 2 sent
+    await asyncio.sleep(0.2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset, not a goodbye
+    await asyncio.sleep(0.2)
+    assert len(reply) == 9 and reply[3] == 0x4, reply  # a SETTINGS frame: a live HTTP/2 server read it
+    assert sum(s.value for s in engine.metrics.opened.collect()[0].samples if s.name.endswith("_total")) == opened
+    return grpc.StatusCode.OK, "no call began"
+
+
 BAD = {
     "garbage protobuf": (_garbage_protobuf, grpc.StatusCode.INVALID_ARGUMENT, "not a valid StreamingRecognizeRequest"),
     "oversized message": (_oversized_message, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
     "unsupported sample rate": (_unsupported_sample_rate, grpc.StatusCode.INVALID_ARGUMENT, "sample_rate"),
     "client disconnect": (_client_disconnect, grpc.StatusCode.CANCELLED, "Locally cancelled"),
+    "half-sent frame, then a reset": (_half_sent_frame, grpc.StatusCode.OK, "no call began"),
 }
 
 
@@ -285,13 +309,13 @@ def test_a_bad_client_does_not_disturb_a_concurrent_session(tiny_model, male_cli
     bad, code, details = BAD[case]
 
     async def main() -> None:
-        async with _server(tiny_model) as (engine, _, channel):
+        async with _server(tiny_model) as (engine, _, channel, address):
             stub = speech_pb2_grpc.SpeechStub(channel)
             healthy = Stream(stub)  # opened first, still streaming while the bad client acts
             await healthy.begun.wait()
             audio = np.concatenate([SIL, male_clip, SIL])
             await healthy.send(audio[: len(audio) // 2])
-            got = await bad(channel, engine, male_clip)
+            got = await bad(channel, engine, male_clip, address)
             assert got[0] == code and details in got[1], got
             counted = {s.labels["code"]: s.value for s in engine.metrics.failed.collect()[0].samples if s.name.endswith("_total")}
             # /metrics counts what the server refused, by code (grpc refuses oversized messages itself)
