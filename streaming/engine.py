@@ -241,6 +241,7 @@ class LiveSession:
         for ev in replay:
             self._out.put_nowait(ev)
         self._lock = asyncio.Lock()  # the Session is not thread-safe: feed and work take turns
+        self._publishing = asyncio.Lock()  # see _publish
         self._kick = asyncio.Event()
         self._closed = asyncio.Event()
         self._store_down = False
@@ -418,22 +419,25 @@ class LiveSession:
         return out
 
     async def _publish(self) -> None:
-        async with self._lock:  # a feed thread may be appending events to the session's list
-            events = self._with_latency(self.session.drain())
-        if any(isinstance(ev, (Final, Analysis)) for ev in events):
-            events += await self._persist(events)
-        m = self.engine.metrics
-        for ev in events:
-            m.events.labels(ev.type).inc()
-            if isinstance(ev, Error):
-                m.errors.labels(ev.code).inc()
-            try:
-                self._out.put_nowait(ev)  # the usual case, without a timer
-            except asyncio.QueueFull:
+        # One publication at a time, whole: the driver's (while work runs too) and a chat reply's
+        # may overlap, and one waiting on the store must not let later events overtake its own.
+        async with self._publishing:
+            async with self._lock:  # a feed thread may be appending events to the session's list
+                events = self._with_latency(self.session.drain())
+            if any(isinstance(ev, (Final, Analysis)) for ev in events):
+                events += await self._persist(events)
+            m = self.engine.metrics
+            for ev in events:
+                m.events.labels(ev.type).inc()
+                if isinstance(ev, Error):
+                    m.errors.labels(ev.code).inc()
                 try:
-                    await asyncio.wait_for(self._out.put(ev), self.engine.opt.slow_consumer_s)
-                except TimeoutError:
-                    raise _SlowConsumer from None
+                    self._out.put_nowait(ev)  # the usual case, without a timer
+                except asyncio.QueueFull:
+                    try:
+                        await asyncio.wait_for(self._out.put(ev), self.engine.opt.slow_consumer_s)
+                    except TimeoutError:
+                        raise _SlowConsumer from None
 
     async def _persist(self, events: list[Event]) -> list[Event]:
         """Store finalized results. If the store is down the client still gets them (with one
