@@ -101,13 +101,17 @@ class OsumModel(nn.Module):
         CPU, so this is ~3x faster per step and ~4x smaller for those layers (osum-mini,
         2 cores: 130 -> ~40 ms a step; docs/osum-mini.md). The embedding table stays fp32.
         Layer by layer, so a bf16 LLM never exists in fp32 all at once. Results differ
-        slightly from the unquantised model: measure before relying on it.
+        slightly from the unquantised model: measure before relying on it. Attention becomes
+        :mod:`osum.attention`'s ``"osum_rows"``, so that a streamed Final's verified draft
+        gives what decoding token by token gives, bit for bit (int8 turns last bits into flips).
         """
         if self.device.type != "cpu":
             raise InvalidConfigError("int8 quantisation is for CPU; on CUDA the LLM runs in bf16")
+        from .attention import use_row_attention
         from .int8 import TokenInt8Linear, quantize_linears
 
         llm = self.llm
+        use_row_attention(llm)
         for layer in llm.model.layers:
             quantize_linears(layer.float())
         for part in (llm.model.embed_tokens, llm.model.norm, llm.model.rotary_emb):

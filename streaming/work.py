@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from osum.audio import log_mel
+from osum.attention import rows_singly_from
 from osum.decoding import DecodingOptions, _new_cache, _step, first_loop_cut, generate, loop_cut, score_continuations
 from osum.inference import _pad_mels, slot_ids
 from osum.model import OsumModel, SpeechStreamCache
@@ -402,9 +403,12 @@ def verify_and_decode(
     prefix = forced + draft
     inputs = model.splice([_prompt(model, "asr")], speech[None], torch.tensor([speech.shape[0]]), [prefix])
     kv = _new_cache(model.llm)
-    # logits at position p predict token p + 1: only the last len(prefix) + 1 positions matter
-    out = model.llm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
-                    position_ids=inputs.position_ids, cache=kv, use_cache=True, logits_to_keep=len(prefix) + 1)  # fmt: skip
+    # logits at position p predict token p + 1: only the last len(prefix) + 1 positions matter.
+    # The prefix's attention rows one by one, as token-by-token decoding computes them (with the
+    # int8 LLM's "osum_rows" attention; elsewhere a no-op): the Final is then offline's, bit for bit
+    with rows_singly_from(inputs.embeds.shape[1] - len(prefix)):
+        out = model.llm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                        position_ids=inputs.position_ids, cache=kv, use_cache=True, logits_to_keep=len(prefix) + 1)  # fmt: skip
     logp = out.logits[0].float().log_softmax(-1)
     pred = logp.argmax(-1).tolist()
     verified = _accepted(pred[len(forced) :], draft, max_tokens - len(forced))

@@ -31,7 +31,7 @@ CACHE = Path(os.environ.get("OSUM_TEST_CACHE", Path.home() / ".cache" / "osum"))
 N_CLIPS = 12
 # Per clip, WER capped at 100 % and averaged, so that one runaway hypothesis (the interim
 # weights loop on some long menu prompts) cannot decide the test alone. On these 12 clips the
-# shipped weights (run mini-joint2, step 1,100, int8) score 42.9 %, 1 clip exact (2026-11-25;
+# shipped weights (run mini-joint2, step 1,100, int8) scored 42.9 %, 1 clip exact (2026-11-25, SDPA attention;
 # such figures move by several points with numerically tiny changes to the int8 arithmetic at
 # this stage of training, docs/osum-mini.md); Whisper base scores 3.8 % WER. Broken weights or loading score
 # near 100 %.
@@ -84,15 +84,14 @@ def test_shipped_weights_claim_only_what_was_measured(mini, held_out) -> None:  
             recognize(mini, [held_out[0][0]], task)
 
 
-def test_streamed_finals_equal_offline_on_real_speech(mini_fp32, held_out) -> None:  # type: ignore[no-untyped-def]
+def test_streamed_finals_equal_offline_on_real_speech(mini, held_out) -> None:  # type: ignore[no-untyped-def]
     """Two held-out prompts streamed in 100 ms chunks with pauses: each Final equals offline
     recognition of its samples, partials only grow their committed text, and every tag the
     session asked for comes back unsupported rather than invented.
 
-    On the fp32 LLM. With int8 the final (a draft verified in one pass) and offline decoding
-    (one token a call) differ by floating-point rounding in attention, which int8 rounding
-    can amplify into a different greedy choice on a close call (docs/streaming.md)."""
-    mini = mini_fp32
+    On the int8 LLM, as served. A Final verifies a draft in one pass where offline decodes one
+    token a call; "osum_rows" attention (osum.attention) makes the two agree bit for bit. They
+    once differed in attention's last bits, which int8 rounding turned into other words."""
     from streaming.events import Analysis, Final, Partial
     from streaming.session import Session, SessionConfig
     from streaming.work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
