@@ -48,14 +48,6 @@ def mini():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def mini_fp32():  # type: ignore[no-untyped-def]
-    from osum.loading import load_base_with_overlay
-    from osum.prepare import prepare_osum_mini
-
-    return load_base_with_overlay(prepare_osum_mini(CACHE, install=True), MINI_OVERLAY, quantize=False)
-
-
-@pytest.fixture(scope="module")
 def held_out() -> list[tuple[np.ndarray, str]]:
     clips = [p for p in real_prompts() if is_test(p)][:N_CLIPS]
     return [(load_audio(p.path), p.text) for p in clips]
