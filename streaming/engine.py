@@ -241,7 +241,6 @@ class LiveSession:
         for ev in replay:
             self._out.put_nowait(ev)
         self._lock = asyncio.Lock()  # the Session is not thread-safe: feed and work take turns
-        self._publishing = asyncio.Lock()  # see _publish
         self._kick = asyncio.Event()
         self._closed = asyncio.Event()
         self._store_down = False
@@ -326,7 +325,7 @@ class LiveSession:
                     continue
                 started = time.monotonic()
                 try:
-                    result = await self._meanwhile(self._run(req))
+                    result = await self._run(req)
                     eng.metrics.work.labels(type(req).__name__.removesuffix("Request").lower()).observe(time.monotonic() - started)
                 except OsumError as e:
                     async with self._lock:
@@ -344,50 +343,37 @@ class LiveSession:
             self._caught_up.set()
             await self._finish()
 
-    async def _meanwhile(self, work: Awaitable[T]) -> T:
-        """``work``'s result; until it comes, what the client's audio produces (SpeechStarted,
-        SpeechEnded, audio errors) is published as it happens, so that an endpoint is told at
-        once and not after the model's request in flight (up to a second on CPU)."""
-        task = asyncio.ensure_future(work)
+    async def _run(self, req: Any) -> Any:
+        """Run a request on the scheduler. Until its result comes, what happens meanwhile is
+        published as it happens: what the client's audio produces (SpeechStarted, SpeechEnded,
+        audio errors: an endpoint is told at once, not after the model's request, up to a second
+        on CPU) and a chat reply's pieces as the model writes them."""
+        pieces: deque[str] = deque()  # a chat reply so far: filled on the model's thread, emptied here
+        if isinstance(req, AnalysisRequest) and req.chat:
+            loop = asyncio.get_running_loop()
+
+            def on_reply(text: str) -> None:  # the model's worker thread
+                pieces.append(text)
+                loop.call_soon_threadsafe(self._kick.set)
+
+            req.on_reply = on_reply
+        task = asyncio.ensure_future(self.engine.scheduler.run(req))
         try:
             while True:
                 self._kick.clear()
                 kick = asyncio.ensure_future(self._kick.wait())
                 await asyncio.wait({task, kick}, return_when=asyncio.FIRST_COMPLETED)
                 kick.cancel()
+                if pieces:
+                    latest = pieces[-1]  # the text so far: only the newest matters
+                    pieces.clear()
+                    async with self._lock:
+                        self.session.reply_so_far(req.utterance_id, latest)
                 if task.done():
-                    return task.result()
+                    return task.result()  # the driver publishes next, after applying it
                 await self._publish()
         finally:
             task.cancel()  # a no-op once done; else the driver itself is being cancelled
-
-    async def _run(self, req: Any) -> Any:
-        """Run a request on the scheduler; a chat reply's pieces are published as they come."""
-        if not (isinstance(req, AnalysisRequest) and req.chat):
-            return await self.engine.scheduler.run(req)
-        loop = asyncio.get_running_loop()
-        pieces: deque[str] = deque()  # filled on the model's thread, emptied here
-        arrived = asyncio.Event()
-
-        def on_reply(text: str) -> None:  # the model's worker thread
-            pieces.append(text)
-            loop.call_soon_threadsafe(arrived.set)
-
-        req.on_reply = on_reply
-        work = asyncio.ensure_future(self.engine.scheduler.run(req))
-        while True:
-            waiter = asyncio.ensure_future(arrived.wait())
-            await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            arrived.clear()
-            if pieces:
-                latest = pieces[-1]  # the text so far: only the newest matters
-                pieces.clear()
-                async with self._lock:
-                    self.session.reply_so_far(req.utterance_id, latest)
-                await self._publish()
-            if work.done():
-                return work.result()
 
     def _arrived(self, end: float) -> float | None:
         """When the audio up to stream time ``end`` had arrived (None: no longer known)."""
@@ -410,34 +396,34 @@ class LiveSession:
                         del self._final_arrival[next(iter(self._final_arrival))]
             elif isinstance(ev, Analysis):
                 t = self._final_arrival.pop(ev.utterance_id, None)
-            if t is not None:
-                self.engine.metrics.latency.labels(ev.type).observe(now - t)
-            out.append(ev if t is None else dataclasses.replace(ev, processing_latency_ms=round((now - t) * 1000, 1)))
+            if t is None:
+                out.append(ev)
+                continue
+            self.engine.metrics.latency.labels(ev.type).observe(now - t)
+            out.append(dataclasses.replace(ev, processing_latency_ms=round((now - t) * 1000, 1)))
         keep = self.session.pending_from()
         while self._arrivals and self._arrivals[0][0] < keep:  # no event to come ends before `keep`
             self._arrivals.popleft()
         return out
 
     async def _publish(self) -> None:
-        # One publication at a time, whole: the driver's (while work runs too) and a chat reply's
-        # may overlap, and one waiting on the store must not let later events overtake its own.
-        async with self._publishing:
-            async with self._lock:  # a feed thread may be appending events to the session's list
-                events = self._with_latency(self.session.drain())
-            if any(isinstance(ev, (Final, Analysis)) for ev in events):
-                events += await self._persist(events)
-            m = self.engine.metrics
-            for ev in events:
-                m.events.labels(ev.type).inc()
-                if isinstance(ev, Error):
-                    m.errors.labels(ev.code).inc()
+        # only the driver publishes (between requests, and in _run while one runs): in order
+        async with self._lock:  # a feed thread may be appending events to the session's list
+            events = self._with_latency(self.session.drain())
+        if any(isinstance(ev, (Final, Analysis)) for ev in events):
+            events += await self._persist(events)
+        m = self.engine.metrics
+        for ev in events:
+            m.events.labels(ev.type).inc()
+            if isinstance(ev, Error):
+                m.errors.labels(ev.code).inc()
+            try:
+                self._out.put_nowait(ev)  # the usual case, without a timer
+            except asyncio.QueueFull:
                 try:
-                    self._out.put_nowait(ev)  # the usual case, without a timer
-                except asyncio.QueueFull:
-                    try:
-                        await asyncio.wait_for(self._out.put(ev), self.engine.opt.slow_consumer_s)
-                    except TimeoutError:
-                        raise _SlowConsumer from None
+                    await asyncio.wait_for(self._out.put(ev), self.engine.opt.slow_consumer_s)
+                except TimeoutError:
+                    raise _SlowConsumer from None
 
     async def _persist(self, events: list[Event]) -> list[Event]:
         """Store finalized results. If the store is down the client still gets them (with one
