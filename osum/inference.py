@@ -92,8 +92,7 @@ def recognize(
     if isinstance(audios, np.ndarray) and audios.ndim == 1:
         audios = [audios]
     signals = [prepare_audio(a, sample_rate) for a in audios]
-    mel, lengths = _pad_mels([log_mel(s) for s in signals])
-    speech, speech_len = model.encode_speech(mel, lengths)
+    speech, speech_len = model.encode_each([log_mel(s) for s in signals])  # each alone: batch-independent
     tok = model.tokenizer
     prompt = tok.encode(task.prompt, add_special_tokens=False)
     prompts = [prompt] * len(signals)

@@ -147,6 +147,21 @@ class OsumModel(nn.Module):
         x = self.speech_transformer(x, lengths, block, left_chunks)
         return self.speech_llama_proj(x), lengths
 
+    def encode_each(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_speech` of each utterance's log-mel (n_mels, T_i) alone, stacked
+        right-padded: (B, max L, d_llm) and (B,) lengths.
+
+        A padded batch changes the encoder's arithmetic in the last bits (its matrix products
+        take other shapes), and with the int8 LLM last bits can change words. Alone, each
+        utterance gets what it gets in any batch: a streamed Final equals offline recognition,
+        and one session's result never depends on what else was batched with it.
+        """
+        speech = [self.encode_speech(m[None])[0][0] for m in mels]
+        out = speech[0].new_zeros(len(speech), max(x.shape[0] for x in speech), speech[0].shape[-1])
+        for b, x in enumerate(speech):
+            out[b, : x.shape[0]] = x
+        return out, torch.tensor([x.shape[0] for x in speech])
+
     def init_stream(self, chunk_size: int = 20, left_chunks: int = -1) -> SpeechStreamCache:
         """A new stream's cache. ``chunk_size`` counts encoder frames (50 Hz); a multiple of 4."""
         if chunk_size % 4:

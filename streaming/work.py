@@ -29,7 +29,7 @@ import torch
 from osum.audio import log_mel
 from osum.attention import rows_singly_from
 from osum.decoding import DecodingOptions, _new_cache, _step, first_loop_cut, generate, loop_cut, score_continuations
-from osum.inference import _pad_mels, slot_ids
+from osum.inference import slot_ids
 from osum.model import OsumModel, SpeechStreamCache
 from osum.tasks import LABELS, STTC_SEPARATOR, get_task
 
@@ -119,8 +119,7 @@ def _prompt(model: OsumModel, task: str) -> list[int]:
 
 @torch.inference_mode()
 def run_finals(model: OsumModel, reqs: list[FinalRequest], max_new_tokens: int = 200) -> list[FinalResult]:
-    mel, lengths = _pad_mels([log_mel(r.audio) for r in reqs])
-    speech, speech_len = model.encode_speech(mel, lengths)
+    speech, speech_len = model.encode_each([log_mel(r.audio) for r in reqs])  # each alone, as offline
     plain = [b for b, r in enumerate(reqs) if not r.draft]  # no draft: one batched greedy decode
     decoded: dict[int, tuple[list[int], list[float]]] = {}
     if plain:
@@ -335,9 +334,11 @@ def verify_and_decode_batch(
 
     A row whose draft is cut keeps the rejected positions in the shared cache, masked out of
     attention (rows cannot be cropped separately); its new tokens take the positions after
-    its accepted prefix. Padding changes the arithmetic slightly, so a batched row can differ
-    from the single-row result where two tokens are within rounding of each other: fine for
-    partials, which is why finals use the single-row form.
+    its accepted prefix. The rows' drafts are verified together in the one pass (not row by
+    row as :func:`verify_and_decode` does), and outside the int8 LLM padding changes the
+    arithmetic too, so a batched row can differ from the single-row result where two tokens
+    are within rounding of each other: fine for partials, which is why finals use the
+    single-row form.
     """
     B = len(speech)
     if B == 1:

@@ -49,3 +49,49 @@ def test_a_verified_draft_is_bit_identical_to_decoding_it(tiny_int8) -> None:  #
     # the same pass with every row among the others differs (what made int8 Finals differ from offline)
     one, steps, _, _ = _one_pass_and_steps(llm, embeds, 60, rows=False)
     assert not torch.equal(one, steps)
+
+
+def test_a_session_gets_the_same_bits_in_any_batch(tiny_int8, male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
+    """Finals of several sessions decoded in one padded batch, and tags scored together, are
+    bit for bit what each gives alone (and alone is what offline recognition gives)."""
+    from osum.audio import log_mel
+    from osum.decoding import DecodingOptions, generate, score_continuations
+    from osum.inference import recognize
+    from streaming.work import FinalRequest, run_finals
+
+    model = tiny_int8
+    clips = [male_clip, female_clip[: 16000 * 2]]  # different lengths: the batch is padded
+    alone = [run_finals(model, [FinalRequest(c)])[0] for c in clips]
+    together = run_finals(model, [FinalRequest(c) for c in clips])
+    reverse = run_finals(model, [FinalRequest(c) for c in clips[::-1]])[::-1]
+    for a, t, r in zip(alone, together, reverse, strict=True):
+        assert a.tokens == t.tokens == r.tokens and a.confidence is not None
+        assert a.confidence == t.confidence == r.confidence  # the mean of exact log-probabilities
+        assert torch.equal(a.speech, t.speech)  # the encoder, alone in both
+    offline = [recognize(model, c)[0] for c in clips]
+    assert [o.confidence for o in offline] == [a.confidence for a in alone]
+
+    speech, lengths = model.encode_each([log_mel(c) for c in clips])
+    prompt = model.tokenizer.encode("hello", add_special_tokens=False)
+    cands = [[[11, 12], [13]], [[14], [15, 16, 17]]]
+    inputs = model.splice([prompt] * 2, speech, lengths, [[5, 6, 7], [8]])
+    both = score_continuations(model.llm, inputs, cands)
+    each = [score_continuations(model.llm, model.splice([prompt], speech[b : b + 1], lengths[b : b + 1], [[5, 6, 7], [8]][b : b + 1]),
+                                cands[b : b + 1])[0] for b in range(2)]  # fmt: skip
+    assert both == each
+
+    # what per-row attention fixes: transformers' eager attention over the padded batch differs
+    opt = DecodingOptions(max_new_tokens=8)
+    plain = model.splice([prompt] * 2, speech, lengths)
+    assert generate(model.llm, plain, opt, -1)[1].token_logprobs == alone_lps(model, speech[1:], lengths[1:], prompt, opt)
+    model.llm.config._attn_implementation = "eager"
+    try:
+        assert generate(model.llm, plain, opt, -1)[1].token_logprobs != alone_lps(model, speech[1:], lengths[1:], prompt, opt)
+    finally:
+        model.llm.config._attn_implementation = ROWS
+
+
+def alone_lps(model, speech: torch.Tensor, lengths: torch.Tensor, prompt: list[int], opt) -> list[float]:  # type: ignore[no-untyped-def]
+    from osum.decoding import generate
+
+    return generate(model.llm, model.splice([prompt], speech, lengths), opt, -1)[0].token_logprobs
