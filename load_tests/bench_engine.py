@@ -152,7 +152,7 @@ def breakdown(model: object, cfg: SessionConfig, repeats: int = 3) -> None:
     put under "end of speech to Final" (best of ``repeats``)."""
     from osum.audio import log_mel
     from osum.inference import _pad_mels
-    from streaming.work import _budget, verify_and_decode
+    from streaming.drafts import budget, verify_and_decode
 
     audio = clips()[0]
     seconds = audio.size / 16000
@@ -169,7 +169,7 @@ def breakdown(model: object, cfg: SessionConfig, repeats: int = 3) -> None:
         mel, lengths = _pad_mels([log_mel(audio)])
         enc, (speech, n) = best(lambda: model.encode_speech(mel, lengths))  # type: ignore[attr-defined]
         speech = speech[0, : int(n[0])]
-        limit = _budget(seconds, 200)
+        limit = budget(seconds, 200)
         dec, (tokens, _, _) = best(lambda: verify_and_decode(model, speech, [], [], limit))  # type: ignore[arg-type]
         ver, _ = best(lambda: verify_and_decode(model, speech, [], tokens, limit))  # type: ignore[arg-type]
     step = max(0.0, dec - ver) / max(1, len(tokens) - 1)  # the steps after the first pass

@@ -182,7 +182,7 @@ def test_partials_of_many_sessions_decode_as_one_batch(tiny_model, male_clip) ->
     import torch
 
     from osum.audio import log_mel
-    from streaming.work import verify_and_decode_batch
+    from streaming.drafts import verify_and_decode_batch
 
     mel = log_mel(male_clip)
     empty = torch.zeros(0, tiny_model.cfg.llm_dim)
@@ -298,7 +298,7 @@ def test_partials_reuse_the_sessions_llm_cache(tiny_model, male_clip) -> None:  
 
     from osum.audio import log_mel
     from osum.tasks import get_task
-    from streaming.work import verify_and_decode
+    from streaming.drafts import verify_and_decode
 
     mel = log_mel(male_clip)
     stream = tiny_model.init_stream(24)
