@@ -322,3 +322,32 @@ def test_partials_reuse_the_sessions_llm_cache(tiny_model, male_clip) -> None:  
     with torch.inference_mode():
         assert again.tokens == verify_and_decode(tiny_model, speech, [], wrong, 6)[0]
     assert again.verified == 2 and again.llm_cache.get_seq_length() == len(prompt) + 1 + speech.shape[0]
+
+
+def _non_speech(seconds: float = 6.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    t = np.arange(int(16000 * seconds)) / 16000
+    spectrum = np.fft.rfft(rng.standard_normal(t.size))
+    pink = np.fft.irfft(spectrum / np.sqrt(np.arange(spectrum.size) + 1), t.size)
+    notes = np.array([261.6, 329.6, 392.0, 523.3, 440.0, 349.2])[(t // 1).astype(int) % 6]  # a note a second
+    chords = sum(np.sin(2 * np.pi * notes * h * t) / h for h in range(1, 6))
+    return {
+        "white noise": 0.5 * rng.standard_normal(t.size).clip(-2, 2),
+        "pink noise": 0.25 * pink / np.abs(pink).max(),
+        "clicks": np.where(np.arange(t.size) % 3200 < 40, 0.8, 0.0) * rng.standard_normal(t.size),
+        "chords": 0.5 * chords / np.abs(chords).max(),
+        "dual tones": 0.3 * (np.sin(2 * np.pi * 697 * t) + np.sin(2 * np.pi * 1209 * t)) * (t % 0.5 < 0.25),
+    }
+
+
+@pytest.mark.parametrize("kind", ["white noise", "pink noise", "clicks", "chords", "dual tones"])
+def test_non_speech_makes_no_transcript(tiny_model, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """Noise, clicks, music and tones give the model nothing to transcribe: silero-vad does not
+    hear speech in them, or only for less than the minimum speech (dropped as too short), so no
+    Final can be a hallucination on them (what users of Whisper-based services complain of)."""
+    x = np.concatenate([SIL, _non_speech()[kind].astype(np.float32), SIL])
+    s = Session("s", CFG, tiny_model)
+    events = _stream(s, tiny_model, x)
+    assert not [e for e in events if isinstance(e, (Final, Partial))]
+    assert all(e.reason == "too_short" for e in events if isinstance(e, SpeechEnded))
+    assert s.state is State.CLOSED
