@@ -447,3 +447,47 @@ def test_the_endpoint_is_published_while_the_model_is_busy(tiny_model, male_clip
     events = asyncio.run(main())
     kinds = [type(e) for e in events]
     assert kinds[:2] == [SpeechStarted, SpeechEnded] and Final in kinds and kinds[-1] is Analysis
+
+
+def test_a_sessions_results_do_not_depend_on_its_batch(male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
+    """int8: sessions whose Finals and tags meet in one batch get bit for bit what each gets
+    alone, and the Finals are offline recognition's (padding changes no bits)."""
+    from osum.decoding import DecodingOptions
+    from osum.inference import recognize
+    from osum.loading import load_model
+    from streaming.work import AnalysisRequest, FinalRequest
+
+    model = load_model("tiny", quantize="int8")
+    cfg = SessionConfig(interim_results=False, tasks=("emotion",))  # no partials: Finals without drafts batch
+    clips = [np.concatenate([SIL, c, SIL]) for c in (male_clip, female_clip, female_clip[: 16000 * 2])]
+    sizes: dict[type, list[int]] = {FinalRequest: [], AnalysisRequest: []}
+
+    async def run(group: list[np.ndarray]) -> list[list]:
+        engine = Engine(model, replace(OPTS, scheduler=SchedulerOptions(max_batch=4, max_wait_ms=200, final_max_tokens=6)))
+        await engine.start()
+        for kind, seen in sizes.items():
+            runner = engine.scheduler._runners[kind]
+            engine.scheduler._runners[kind] = lambda reqs, runner=runner, seen=seen: seen.append(len(reqs)) or runner(reqs)
+
+        async def one(audio: np.ndarray) -> list:
+            s = await engine.open_session(cfg)
+            await s.send(_pcm(audio))
+            await s.end()
+            return await _collect(s)
+
+        out = await asyncio.gather(*(one(a) for a in group))
+        await engine.stop()
+        return list(out)
+
+    together = asyncio.run(run(clips))
+    assert max(sizes[FinalRequest]) > 1 and max(sizes[AnalysisRequest]) > 1  # they did share batches
+    alone = [asyncio.run(run([c]))[0] for c in clips]
+    for audio, t, a in zip(clips, together, alone, strict=True):
+        finals = [(e.transcript, e.confidence, e.start, e.end) for e in t if isinstance(e, Final)]
+        assert finals and finals == [(e.transcript, e.confidence, e.start, e.end) for e in a if isinstance(e, Final)]
+        tags = [e.tags["emotion"].scores for e in t if isinstance(e, Analysis)]
+        assert tags == [e.tags["emotion"].scores for e in a if isinstance(e, Analysis)]
+        heard = np.frombuffer(_pcm(audio), "<i2").astype(np.float32) / 32768.0
+        for _, confidence, start, end in finals:
+            seg = heard[round(start * 16000) : round(end * 16000)]
+            assert recognize(model, [seg], "asr", DecodingOptions(max_new_tokens=6), score_tags=False)[0].confidence == confidence
