@@ -9,8 +9,9 @@ their futures on the loop.
 Bounds: each session has at most one request in flight, so the queue is bounded by the
 number of sessions, which the engine caps; :attr:`Scheduler.backlog_seconds` estimates
 how far behind real time the worker is, so the engine can stop asking for partials and
-refuse new sessions ("over capacity") rather than fall behind. An exception while
-running a batch fails only that batch's requests.
+refuse new sessions ("over capacity") rather than fall behind. When a batch raises, its
+requests run again one at a time, so only a request that fails alone fails (``model_error``):
+one session's bad work never fails the others'.
 """
 
 from __future__ import annotations
@@ -132,20 +133,28 @@ class Scheduler:
         while (taken := self._take()) is not None:
             kind, batch = taken
             batch = [item for item in batch if not item[1].cancelled()]
-            if not batch:
-                continue
-            try:
-                results = self._runners[kind]([item[0] for item in batch])
-            except Exception as e:  # one bad batch must not kill the worker
-                log.exception("model work failed (%s x%d)", kind.__name__, len(batch))
-                err = ModelError(f"model work failed: {type(e).__name__}")
-                for _req, fut, loop in batch:
-                    _hand_back(loop, _set_exception, fut, err)
-                continue
-            self.batches += 1
-            self.requests += len(batch)
-            for (_req, fut, loop), res in zip(batch, results):
-                _hand_back(loop, _set_result, fut, res)
+            if batch:
+                self._run(kind, batch)
+
+    def _run(self, kind: type, batch: list[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]]) -> None:
+        """Run one batch and hand back its results. If it raises, its requests run again one at
+        a time, so that only work which fails alone fails: one session's bad request never
+        costs the others theirs."""
+        try:
+            results = self._runners[kind]([req for req, _, _ in batch])
+        except Exception as e:  # one bad batch must not kill the worker
+            log.exception("model work failed (%s x%d)", kind.__name__, len(batch))
+            if len(batch) == 1:
+                _req, fut, loop = batch[0]
+                _hand_back(loop, _set_exception, fut, ModelError(f"model work failed: {type(e).__name__}"))
+            else:
+                for item in batch:
+                    self._run(kind, [item])
+            return
+        self.batches += 1
+        self.requests += len(batch)
+        for (_req, fut, loop), res in zip(batch, results):
+            _hand_back(loop, _set_result, fut, res)
 
 
 def _hand_back(loop: asyncio.AbstractEventLoop, setter: Any, fut: asyncio.Future[Any], value: Any) -> None:

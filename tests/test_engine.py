@@ -491,3 +491,42 @@ def test_a_sessions_results_do_not_depend_on_its_batch(male_clip, female_clip) -
         for _, confidence, start, end in finals:
             seg = heard[round(start * 16000) : round(end * 16000)]
             assert recognize(model, [seg], "asr", DecodingOptions(max_new_tokens=6), score_tags=False)[0].confidence == confidence
+
+
+def test_a_request_that_fails_costs_only_its_own_session(tiny_model, male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
+    """When a batch raises, its requests run again one at a time: the session whose work fails
+    alone gets ``model_error``; the others in that batch get their Finals."""
+    from streaming.work import FinalRequest
+
+    poison = 16000 * 26 // 10  # the short utterance's Final is "bad work" for this model
+
+    async def main() -> tuple[list[list], list[int]]:
+        engine = Engine(tiny_model, replace(OPTS, scheduler=SchedulerOptions(max_batch=4, max_wait_ms=200, final_max_tokens=6)))
+        await engine.start()
+        run_finals, sizes = engine.scheduler._runners[FinalRequest], []
+
+        def flaky(reqs: list) -> list:  # type: ignore[type-arg]
+            sizes.append(len(reqs))
+            if any(r.audio.size < poison for r in reqs):
+                raise RuntimeError("this utterance breaks the model")
+            return run_finals(reqs)
+
+        engine.scheduler._runners[FinalRequest] = flaky
+        cfg = replace(CFG, interim_results=False)
+
+        async def one(audio: np.ndarray) -> list:
+            s = await engine.open_session(cfg)
+            await s.send(_pcm(np.concatenate([SIL, audio, SIL])))
+            await s.end()
+            return await _collect(s)
+
+        out = await asyncio.gather(one(male_clip), one(female_clip[: 16000 * 2]), one(male_clip))
+        await engine.stop()
+        return list(out), sizes
+
+    (healthy, bad, healthy2), sizes = asyncio.run(main())
+    assert max(sizes) > 1  # the bad request shared a batch with the others
+    for events in (healthy, healthy2):
+        assert [e for e in events if isinstance(e, Final)] and not [e for e in events if isinstance(e, Error)]
+    assert [e.code for e in bad if isinstance(e, Error)] == ["model_error"]
+    assert not [e for e in bad if isinstance(e, Final)]
