@@ -133,7 +133,10 @@ def main() -> None:
     print(f"{'WER, held-out real speech':34} {w_ours:10.1%} {'<= ' + format(1.25 * w_base, '.1%'):>16}  Whisper base {w_base:.1%}")
     print(f"{'  per prompt, capped at 100 %':34} {capped:10.1%} {'':>16}  Whisper base {capped_wer(refs, theirs):.1%}")
     print(f"{'  prompts without an error':34} {exact:10d} {'':>16}  Whisper base {exact_count(refs, theirs)}")
-    print(f"{'gender accuracy, held-out speakers':34} {macro:10.1%} {'>= 95%':>16}  macro over {len(per)} speakers")
+    if per:
+        print(f"{'gender accuracy, held-out speakers':34} {macro:10.1%} {'>= 95%':>16}  macro over {len(per)} speakers")
+    else:
+        print(f"{'gender accuracy, held-out speakers':34} {'not run':>10} {'>= 95%':>16}  (--no-gender, or no held-out speakers installed)")
     print(f"{'RTF, offline, ' + str(args.threads) + ' threads':34} {rtf:10.3f} {'<= 0.5':>16}")
     print(f"{'resident memory, model loaded':34} {rss_model / 1e9:9.2f}G {'<= 2.5G':>16}  peak after decoding {rss_peak / 1e9:.2f}G (before load {rss0 / 1e9:.2f}G)")
     for spk, gender, n, acc in per:
