@@ -22,7 +22,15 @@ from .config import OsumConfig
 from .encoder import EncoderCache, WhisperEncoder
 from .errors import InvalidConfigError
 
-__all__ = ["OsumModel", "SpeechStreamCache", "SplicedInputs", "build_llm"]
+__all__ = ["OsumModel", "SpeechStreamCache", "SplicedInputs", "build_llm", "stack_speech"]
+
+
+def stack_speech(speech: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Utterances' speech embeddings (L_i, d) -> right-padded (B, max L, d) and (B,) lengths."""
+    batch = speech[0].new_zeros(len(speech), max(x.shape[0] for x in speech), speech[0].shape[-1])
+    for j, x in enumerate(speech):
+        batch[j, : x.shape[0]] = x
+    return batch, torch.tensor([x.shape[0] for x in speech])
 
 
 def build_llm(cfg: OsumConfig) -> nn.Module:
@@ -156,11 +164,7 @@ class OsumModel(nn.Module):
         utterance gets what it gets in any batch: a streamed Final equals offline recognition,
         and one session's result never depends on what else was batched with it.
         """
-        speech = [self.encode_speech(m[None])[0][0] for m in mels]
-        out = speech[0].new_zeros(len(speech), max(x.shape[0] for x in speech), speech[0].shape[-1])
-        for b, x in enumerate(speech):
-            out[b, : x.shape[0]] = x
-        return out, torch.tensor([x.shape[0] for x in speech])
+        return stack_speech([self.encode_speech(m[None])[0][0] for m in mels])
 
     def init_stream(self, chunk_size: int = 20, left_chunks: int = -1) -> SpeechStreamCache:
         """A new stream's cache. ``chunk_size`` counts encoder frames (50 Hz); a multiple of 4."""

@@ -18,18 +18,10 @@ import torch
 
 from osum.attention import rows_singly_from
 from osum.decoding import _new_cache, _step, first_loop_cut, loop_cut
-from osum.model import OsumModel
+from osum.model import OsumModel, stack_speech
 from osum.tasks import get_task
 
-__all__ = ["budget", "partial_on_cache", "stack_speech", "task_prompt", "verify_and_decode", "verify_and_decode_batch"]
-
-
-def stack_speech(speech: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Utterances' speech embeddings (L_i, d) -> right-padded (B, max L, d) and (B,) lengths."""
-    batch = speech[0].new_zeros(len(speech), max(x.shape[0] for x in speech), speech[0].shape[-1])
-    for j, x in enumerate(speech):
-        batch[j, : x.shape[0]] = x
-    return batch, torch.tensor([x.shape[0] for x in speech])
+__all__ = ["budget", "partial_on_cache", "task_prompt", "verify_and_decode", "verify_and_decode_batch"]
 
 
 def budget(seconds: float, limit: int) -> int:

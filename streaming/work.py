@@ -29,10 +29,10 @@ import torch
 from osum.audio import log_mel
 from osum.decoding import DecodingOptions, generate, score_continuations
 from osum.inference import slot_ids
-from osum.model import OsumModel, SpeechStreamCache
+from osum.model import OsumModel, SpeechStreamCache, stack_speech
 from osum.tasks import LABELS, STTC_SEPARATOR, get_task
 
-from .drafts import budget, partial_on_cache, stack_speech, task_prompt, verify_and_decode, verify_and_decode_batch
+from .drafts import budget, partial_on_cache, task_prompt, verify_and_decode, verify_and_decode_batch
 from .events import UNSUPPORTED, Label
 
 __all__ = [
