@@ -80,6 +80,20 @@ def test_a_session_gets_the_same_bits_in_any_batch(tiny_int8, male_clip, female_
                                 cands[b : b + 1])[0] for b in range(2)]  # fmt: skip
     assert both == each
 
+    # a draft verified row by row (rows_singly_from) in a padded batch: each row as alone
+    drafts = [[21, 22, 23], [24, 25, 26]]  # the same length: the draft rows end every row
+    verify = model.splice([prompt] * 2, speech, lengths, drafts)
+    S, P = verify.embeds.shape[1], len(drafts[0])
+    with torch.inference_mode(), rows_singly_from(S - P):
+        both_rows = model.llm(inputs_embeds=verify.embeds, attention_mask=verify.attention_mask,
+                              position_ids=verify.position_ids, logits_to_keep=P + 1).logits  # fmt: skip
+    for b in range(2):
+        one = model.splice([prompt], speech[b : b + 1], lengths[b : b + 1], drafts[b : b + 1])
+        with torch.inference_mode(), rows_singly_from(one.embeds.shape[1] - P):
+            alone_rows = model.llm(inputs_embeds=one.embeds, attention_mask=one.attention_mask,
+                                   position_ids=one.position_ids, logits_to_keep=P + 1).logits  # fmt: skip
+        assert torch.equal(both_rows[b], alone_rows[0])
+
     # what per-row attention fixes: transformers' eager attention over the padded batch differs
     opt = DecodingOptions(max_new_tokens=8)
     plain = model.splice([prompt] * 2, speech, lengths)
