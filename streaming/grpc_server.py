@@ -192,13 +192,23 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
                                                 audio_offset=session.audio_offset)  # fmt: skip
             async for ev in session.events():
                 yield to_response(ev)
+            ending: BaseException | None = None
             if reader.done() and reader.exception() is not None:
-                await _abort(self.engine, context, reader.exception())  # type: ignore[arg-type]
-            if not reader.done() and not self.engine.accepting:
+                ending = reader.exception()
+            elif not reader.done() and not self.engine.accepting:
                 # The session ended on the server's side (the client had not half-closed) because the
                 # server drains: every result of the open utterance has been sent above. A plain OK
                 # would read as "the stream is complete"; UNAVAILABLE tells the client to resume.
-                await _abort(self.engine, context, ShuttingDownError("the server is shutting down; resume the session on another replica"))
+                ending = ShuttingDownError("the server is shutting down; resume the session on another replica")
+            if ending is not None:
+                # Said in-band first: a client still writing when the status arrives may be shown
+                # INTERNAL by grpc-python instead of our status (grpc/grpc#36066); the message it
+                # has already read says what happened.
+                code = ending.code if isinstance(ending, OsumError) else "internal"
+                text = with_hint(code, str(ending)) if isinstance(ending, OsumError) else "internal error"
+                yield pb.StreamingRecognizeResponse(seq=-1, session_id=session.id,
+                                                    error=pb.StreamError(code=code, message=text, fatal=True))
+                await _abort(self.engine, context, ending)
         finally:
             reader.cancel()
             # A cancelled call (the client went away) may be cancelled again while this cleans up,
@@ -258,10 +268,12 @@ async def _abort(engine: Engine, context: grpc.aio.ServicerContext, e: BaseExcep
     """End the call with ``e``'s status (counted in ``osum_calls_failed_total``); raises."""
     engine.metrics.failed.labels("grpc", e.code if isinstance(e, OsumError) else "internal").inc()
     if isinstance(e, OsumError):
-        if e.code in RETRY_CODES:
-            context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
+        # osum-code: the error's own code (as on the WebSocket), finer than the status
+        md = (("osum-code", e.code),) + ((("retry-after", str(RETRY_AFTER_S)),) if e.code in RETRY_CODES else ())
+        context.set_trailing_metadata(md)
         await context.abort(grpc_status(e.code), with_hint(e.code, str(e)))
     log.error("internal error", exc_info=e)
+    context.set_trailing_metadata((("osum-code", "internal"),))
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 

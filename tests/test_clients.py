@@ -17,6 +17,7 @@ from streaming.auth import Authenticator
 from streaming.engine import Engine, EngineOptions
 from streaming.grpc_server import serve as serve_grpc
 from streaming.scheduler import SchedulerOptions
+from streaming.session import SessionConfig
 from streaming.store import RedisStore
 from streaming.ws_server import serve_ws
 
@@ -73,6 +74,32 @@ def test_sdk_gives_the_same_results_over_both_protocols(tiny_model, male_clip, f
     finals = [[e.transcript for e in ev if isinstance(e, Final)] for ev in (ws, grpc)]
     assert finals[0] == finals[1] and len(finals[0]) == 2
     assert [e.code for e in refused] == ["unauthenticated"] and refused[0].fatal
+
+
+def test_sdk_reports_the_servers_error_code_over_both_protocols(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """An error that ends a begun stream (the session-length limit, hit while the client is still
+    writing as fast as it can) and a refusal before the session begins (over capacity) reach the
+    SDK's user as the server's own code on both protocols, and the stream ends. Over gRPC the
+    mid-stream one comes in-band, because grpc-python may turn the status into INTERNAL."""
+    audio = np.concatenate([SIL, male_clip, male_clip])
+
+    async def main() -> tuple[list, list, list, list]:
+        async with Servers(tiny_model, replace(OPTS, max_session_s=2.0)) as s:
+            urls = (f"ws://127.0.0.1:{s.ws_port}", f"grpc://127.0.0.1:{s.grpc_port}")
+            limited = [await _events(u, from_array(audio)) for u in urls]
+        async with Servers(tiny_model, replace(OPTS, max_sessions=1)) as s:
+            await s.engine.open_session(SessionConfig())  # takes the only place
+            urls = (f"ws://127.0.0.1:{s.ws_port}", f"grpc://127.0.0.1:{s.grpc_port}")
+            full = [await _events(u, from_array(audio)) for u in urls]
+        return *limited, *full
+
+    ws_limited, grpc_limited, ws_full, grpc_full = asyncio.run(main())
+    for events in (ws_limited, grpc_limited):
+        assert isinstance(events[0], Begin)
+        errors = [e for e in events if isinstance(e, Error)]
+        assert [(e.code, e.fatal) for e in errors] == [("limit_exceeded", True)]
+    for events in (ws_full, grpc_full):
+        assert [(e.code, e.fatal) for e in events if isinstance(e, Error)] == [("over_capacity", True)] and len(events) == 1
 
 
 def test_sdk_resumes_across_a_server_restart_without_losing_or_repeating(tiny_model, male_clip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

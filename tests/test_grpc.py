@@ -35,16 +35,27 @@ def _config(**kw) -> pb.StreamingRecognizeRequest:  # type: ignore[no-untyped-de
     return pb.StreamingRecognizeRequest(streaming_config=sc)
 
 
-async def _requests(audio: np.ndarray, first: pb.StreamingRecognizeRequest | None = None, extra: list | None = None):  # type: ignore[no-untyped-def]
-    yield first or _config()
-    # a refused config ends the call at once; a client still writing then may see INTERNAL
-    # from its own writer instead of the server's status (a grpc-python client race)
-    await asyncio.sleep(0.05)
-    data = _pcm(audio)
-    for i in range(0, len(data), 8000):
-        yield pb.StreamingRecognizeRequest(audio_content=data[i : i + 8000])
-    for req in extra or []:
-        yield req
+async def _stream(stub, audio: np.ndarray, first: pb.StreamingRecognizeRequest | None = None,  # type: ignore[no-untyped-def]
+                  extra: list | None = None) -> list[pb.StreamingRecognizeResponse]:
+    """One StreamingRecognize call made as the SDK makes it: the config, then the audio only after
+    the server's begin response. A client that writes while the server refuses its config may see
+    INTERNAL from its own writer instead of the server's status (a grpc-python client race)."""
+    begun = asyncio.Event()
+
+    async def requests():  # type: ignore[no-untyped-def]
+        yield first or _config()
+        await begun.wait()  # a refused call ends while this waits: nothing more is written
+        data = _pcm(audio)
+        for i in range(0, len(data), 8000):
+            yield pb.StreamingRecognizeRequest(audio_content=data[i : i + 8000])
+        for req in extra or []:
+            yield req
+
+    responses = []
+    async for r in stub.StreamingRecognize(requests()):
+        responses.append(r)
+        begun.set()
+    return responses
 
 
 async def _with_server(model, body, options=OPTS, **serve_kw):  # type: ignore[no-untyped-def]
@@ -65,7 +76,7 @@ def test_streaming_over_grpc_equals_the_engine(tiny_model, male_clip) -> None:  
     audio = np.concatenate([SIL, male_clip, SIL])
 
     async def body(stub, engine):  # type: ignore[no-untyped-def]
-        responses = [r async for r in stub.StreamingRecognize(_requests(audio))]
+        responses = await _stream(stub, audio)
         direct = await engine.open_session(SessionConfig(tasks=("emotion",)))
         data = _pcm(audio)
         for i in range(0, len(data), 8000):
@@ -105,11 +116,10 @@ def test_streaming_over_grpc_equals_the_engine(tiny_model, male_clip) -> None:  
 def test_bad_streams_get_their_status(tiny_model, male_clip, first, extra, code, message) -> None:  # type: ignore[no-untyped-def]
     async def body(stub, engine):  # type: ignore[no-untyped-def]
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            async for _ in stub.StreamingRecognize(_requests(male_clip[:16000], first, extra)):
-                pass
+            await _stream(stub, male_clip[:16000], first, extra)
         assert e.value.code() == code and message in e.value.details()
         # the server is still healthy: a normal stream right after works
-        ok = [r async for r in stub.StreamingRecognize(_requests(np.concatenate([SIL, male_clip, SIL])))]
+        ok = await _stream(stub, np.concatenate([SIL, male_clip, SIL]))
         assert any(r.results and r.results[0].is_final for r in ok)
 
     asyncio.run(_with_server(tiny_model, body))
@@ -134,8 +144,7 @@ def test_over_capacity_is_resource_exhausted(tiny_model, male_clip) -> None:  # 
     async def body(stub, engine):  # type: ignore[no-untyped-def]
         await engine.open_session(SessionConfig())  # takes the only place
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            async for _ in stub.StreamingRecognize(_requests(male_clip[:8000])):
-                pass
+            await _stream(stub, male_clip[:8000])
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after 5 s" in e.value.details()
         assert ("retry-after", "5") in tuple(e.value.trailing_metadata() or ())  # machine-readable hint
 
@@ -153,7 +162,7 @@ def test_garbage_bytes_are_a_protocol_error(tiny_model, male_clip) -> None:  # t
         async def requests():  # type: ignore[no-untyped-def]
             for m in messages:
                 yield m
-                await asyncio.sleep(0.05)  # no writes racing the refusal (see _requests)
+                await asyncio.sleep(0.05)  # no writes racing the refusal (see _stream)
             await asyncio.sleep(10)  # then stay open: the server, not a half-close, ends the call
 
         return [r async for r in call(requests())]
@@ -171,7 +180,7 @@ def test_garbage_bytes_are_a_protocol_error(tiny_model, male_clip) -> None:  # t
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid RecognizeRequest" in e.value.details()
         # the server is still healthy: a normal stream right after works
-        ok = [r async for r in stub.StreamingRecognize(_requests(np.concatenate([SIL, male_clip, SIL])))]
+        ok = await _stream(stub, np.concatenate([SIL, male_clip, SIL]))
         assert any(r.results and r.results[0].is_final for r in ok)
         assert not engine.sessions  # the refused streams left nothing open
 

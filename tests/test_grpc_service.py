@@ -146,7 +146,8 @@ def test_drain_sends_the_open_utterance_then_unavailable(tiny_model, male_clip) 
             finals = [r.results[0] for r in live.responses if _is_final(r)]
             assert [f.utterance_id for f in finals] == [started.speech_event_utterance_id]
             assert finals[0].alternatives[0].transcript and finals[0].result_end_time > started.speech_event_time
-            last = live.responses[-1]
+            said, last = live.responses[-1], live.responses[-2]  # the in-band error, after every result
+            assert said.error.code == "shutting_down" and said.error.fatal and said.seq == -1
             assert last.HasField("analysis") and last.analysis.utterance_id == started.speech_event_utterance_id
 
         # the client resumes on another server sharing the store: same session, nothing replayed twice

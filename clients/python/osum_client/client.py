@@ -150,6 +150,7 @@ class _GrpcConnection:
         self.target, self.api_key = target, api_key
         self.channel: Any = None
         self.call: Any = None
+        self.fatal: Error | None = None  # the in-band error that precedes an error status
         self.requests: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)  # small: backpressure reaches the source
 
     async def open(self, opt: StreamOptions, token: str | None, last_seq: int) -> Begin:
@@ -188,18 +189,30 @@ class _GrpcConnection:
             try:
                 r = await self.call.read()
             except grpc.aio.AioRpcError as e:
+                if self.fatal is not None and self.fatal.code != "shutting_down":
+                    return None  # the server said why in-band, and that was yielded
                 raise self._error(e) from None
             if r is grpc.aio.EOF:
                 return None
             if (ev := from_grpc(r)) is not None:
+                if isinstance(ev, Error) and ev.fatal:
+                    # the server ends the call next; this says why even when grpc loses the status
+                    self.fatal = ev
+                    if ev.code == "shutting_down":
+                        continue  # not the user's concern: the client resumes elsewhere
                 return ev
 
     def _error(self, e: Any) -> Exception:
         import grpc
 
+        code = dict(e.trailing_metadata() or ()).get("osum-code") or e.code().name.lower()
         if e.code() == grpc.StatusCode.UNAVAILABLE:
             return _Dropped(e.details() or "unavailable")
-        return _Refused(Error(-1, "", e.code().name.lower(), e.details() or "", True))
+        if e.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (e.debug_error_string() or ""):
+            # grpc/grpc#36066: our own write, racing the call's end, replaced the server's status.
+            # Resuming asks the server what became of the session.
+            return _Dropped("the call ended while the client was writing")
+        return _Refused(Error(-1, "", code, e.details() or "", True))
 
     async def send_audio(self, chunk: bytes) -> None:
         from .proto import speech_pb2 as pb
