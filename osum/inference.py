@@ -76,23 +76,37 @@ def recognize(
     options: DecodingOptions | None = None,
     sample_rate: int = SAMPLE_RATE,
     score_tags: bool = True,
+    word_times: bool = False,
 ) -> list[Result]:
     """Recognise a batch of utterances (each at most 30 s) with one task.
 
+    ``word_times``: the transcript's word times from the model's word aligner
+    (:mod:`osum.timing`; osum-mini), where the task does not write them itself (SRWT does).
+    SRWT asked of a model with an aligner but not trained on SRWT is ASR with ``word_times``
+    (its results then say task ``asr``).
+
     Raises:
         InvalidAudioError / AudioTooLongError: bad audio.
-        UnknownTaskError / UnsupportedTaskError: the task does not exist or this model lacks it.
+        UnknownTaskError / UnsupportedTaskError: the task does not exist or this model lacks it
+            (or ``word_times`` was asked of a model without a word aligner).
     """
     task = task if isinstance(task, Task) else get_task(task)
-    if model.cfg.supported_tasks is not None and task.name not in model.cfg.supported_tasks:
-        raise UnsupportedTaskError(
-            f"model {model.cfg.name!r} does not support task {task.name!r} (supported: {', '.join(model.cfg.supported_tasks)})"
-        )
+    supported = model.cfg.supported_tasks
+    if supported is not None and task.name not in supported:
+        if task.timestamps and not task.tags and model.aligner is not None:
+            # SRWT from a model not trained on it (osum-mini): its transcript, timed by the aligner
+            task, word_times = get_task("asr"), True
+        else:
+            raise UnsupportedTaskError(
+                f"model {model.cfg.name!r} does not support task {task.name!r} (supported: {', '.join(supported)})"
+            )
+    if word_times and model.aligner is None:
+        raise UnsupportedTaskError(f"model {model.cfg.name!r} gives no word times (it has no word aligner)")
     options = options or DecodingOptions()
     if isinstance(audios, np.ndarray) and audios.ndim == 1:
         audios = [audios]
     signals = [prepare_audio(a, sample_rate) for a in audios]
-    speech, speech_len = model.encode_each([log_mel(s) for s in signals])  # each alone: batch-independent
+    speech, speech_len, states = model.encode_each_with_states([log_mel(s) for s in signals])  # each alone: batch-independent
     tok = model.tokenizer
     prompt = tok.encode(task.prompt, add_special_tokens=False)
     prompts = [prompt] * len(signals)
@@ -101,6 +115,9 @@ def recognize(
     parsed = [parse_output(task, tok.decode(h.tokens, skip_special_tokens=False)) for h in hyps]
     if score_tags and task.tags:
         parsed = _score_tags(model, task, prompts, speech, speech_len, parsed)
+    if word_times:
+        parsed = [p if p.words or not p.transcript else replace(p, words=model.aligner.align(x, p.transcript, len(a) / SAMPLE_RATE))
+                  for p, x, a in zip(parsed, states, signals)]  # fmt: skip
     return [_result(p, h, len(s) / SAMPLE_RATE) for p, h, s in zip(parsed, hyps, signals)]
 
 

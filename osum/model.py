@@ -77,6 +77,9 @@ class OsumModel(nn.Module):
         # trained osum-mini weights: their model card (source, measured results; osum/train/export.py)
         self.card: dict | None = None
         self.quantized: str | None = None  # "int8" after quantize_llm()
+        # word times for transcripts (osum.timing): Whisper's decoder over this encoder's output,
+        # where the encoder is Whisper's own (osum-mini); None: the model gives no word times
+        self.aligner: Any = None
 
     # ---- devices and dtypes ----------------------------------------------------------
 
@@ -92,6 +95,8 @@ class OsumModel(nn.Module):
         """Move to ``device``: encoder and adapter in fp32 (as OSUM); the LLM in bf16 on CUDA and in
         ``cfg.cpu_llm_dtype`` on CPU, or with int8 linear layers (``quantize``, CPU only)."""
         device = torch.device(device)
+        if self.aligner is not None:
+            self.aligner.decoder.to(device=device, dtype=torch.float32)
         for name, child in self.named_children():
             if name != "llm":
                 child.to(device=device, dtype=torch.float32)
@@ -149,6 +154,13 @@ class OsumModel(nn.Module):
         """
         mel = mel.to(self.device, torch.float32)
         x, enc_len = self.encoder(mel, lengths, chunk_size, left_chunks)
+        return self.adapt(x, enc_len, chunk_size, left_chunks)
+
+    def adapt(
+        self, x: torch.Tensor, enc_len: torch.Tensor, chunk_size: int | None = None, left_chunks: int = -1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whisper encoder output (B, T, d_enc) at 50 Hz and its (B,) lengths -> speech
+        embeddings (B, L, d_llm) at 12.5 Hz and their lengths (the adapter of :meth:`encode_speech`)."""
         x = self.down_sample_2(x)
         lengths = subsampled_length(enc_len)
         block = None if chunk_size is None else chunk_size // 4
@@ -164,7 +176,17 @@ class OsumModel(nn.Module):
         utterance gets what it gets in any batch: a streamed Final equals offline recognition,
         and one session's result never depends on what else was batched with it.
         """
-        return stack_speech([self.encode_speech(m[None])[0][0] for m in mels])
+        return self.encode_each_with_states(mels)[:2]
+
+    def encode_each_with_states(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """:meth:`encode_each`, and each utterance's Whisper encoder output (T_i, d_enc): what
+        the word aligner (:mod:`osum.timing`) reads."""
+        speech, states = [], []
+        for m in mels:
+            x, enc_len = self.encoder(m[None].to(self.device, torch.float32))
+            speech.append(self.adapt(x, enc_len)[0][0])
+            states.append(x[0])
+        return *stack_speech(speech), states
 
     def init_stream(self, chunk_size: int = 20, left_chunks: int = -1) -> SpeechStreamCache:
         """A new stream's cache. ``chunk_size`` counts encoder frames (50 Hz); a multiple of 4."""

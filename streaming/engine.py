@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from osum.errors import OsumError
+from osum.errors import OsumError, UnsupportedTaskError
 
 from .events import Analysis, Error, Event, Final, Partial, event_from_dict
 from .metrics import EngineMetrics
@@ -182,7 +182,11 @@ class Engine:
             SessionLimitError: ``owner`` already has ``max_sessions_per_key`` sessions.
             SessionNotFoundError: the token is invalid, belongs to another key, or nothing is
                 stored under it (expired).
+            UnsupportedTaskError: word times asked of a model that has no word aligner.
         """
+        if config.word_times and getattr(self.model, "aligner", None) is None:
+            name = getattr(getattr(self.model, "cfg", None), "name", "this")
+            raise UnsupportedTaskError(f"model {name!r} gives no word times (it has no word aligner)")
         if not self.accepting:
             if self._started:  # a draining server: "go elsewhere now", not "this one is full, wait"
                 self.metrics.refused.labels("shutting_down").inc()

@@ -52,7 +52,8 @@ async def recognize_file(engine: Engine, config: pb.RecognitionConfig, audio: by
     """The Finals and Analyses of a whole recording, as a session of ``owner`` (an API key's
     name: the key's session limit counts it like a stream)."""
     fmt, raw = _decode(config, audio)
-    cfg = SessionConfig(audio=fmt, interim_results=False, tasks=tuple(config.analysis_tasks), chat=config.enable_chat_reply)
+    cfg = SessionConfig(audio=fmt, interim_results=False, tasks=tuple(config.analysis_tasks), chat=config.enable_chat_reply,
+                        word_times=config.enable_word_time_offsets)
     session = await engine.open_session(cfg, owner=owner)
     for i in range(0, len(raw), _CHUNK):
         await session.send(raw[i : i + _CHUNK])

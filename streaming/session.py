@@ -30,7 +30,7 @@ from osum.audio import N_MELS, IncrementalLogMel, normalize_log_mel
 from osum.errors import InvalidConfigError, OsumError
 
 from .audio import SAMPLE_RATE, AudioFormat, AudioIntake
-from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
+from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted, Word
 from .vad import Endpointer, VadEvent, VadOptions
 from .work import TAG_TASKS, AnalysisRequest, AnalysisResult, FinalRequest, FinalResult, PartialRequest, PartialResult
 
@@ -56,6 +56,7 @@ class SessionConfig:
     # when the endpoint fires at vad.min_silence_ms. Wasted if speech resumes. 0: off; no
     # effect unless below min_silence_ms; raised to speech_pad_ms (the end needs that audio).
     eager_final_ms: int = 200
+    word_times: bool = False  # each Final's words with their times (models with a word aligner)
 
     def __post_init__(self) -> None:
         if self.partial_step_ms < 80 or self.partial_step_ms % 80:
@@ -324,14 +325,14 @@ class Session(SessionBase):
         u = self._utts[0]
         req: FinalRequest | AnalysisRequest | PartialRequest | None = None
         if u.stage == "final":
-            req = FinalRequest(np.concatenate(u.audio)[: u.n], draft=list(u.last_hyp))
+            req = FinalRequest(np.concatenate(u.audio)[: u.n], draft=list(u.last_hyp), words=self.config.word_times)
         elif u.stage == "analysis":
             assert u.final_speech is not None
             req = AnalysisRequest(u.final_speech, u.final_ids, tuple(self.config.tasks), chat=self.config.chat,
                                   utterance_id=u.id)  # fmt: skip
         elif u.stage == "partial" and allow_partial and (end := self._eager_end(u)) is not None:
             u.eager_end, u.eager = end, None
-            req = FinalRequest(self._slice(u.start, end), draft=list(u.last_hyp))
+            req = FinalRequest(self._slice(u.start, end), draft=list(u.last_hyp), words=self.config.word_times)
         elif (u.stage == "partial" and allow_partial and self.config.interim_results
               and u.since_partial >= self.config.partial_step_ms * 16 and not self._awaiting_endpoint(u)):  # fmt: skip
             req = self._partial_request(u)
@@ -425,8 +426,10 @@ class Session(SessionBase):
 
     def _apply_final(self, u: _Utterance, r: FinalResult) -> None:
         assert u.end is not None
-        ev = self._emit(Final, utterance_id=u.id, transcript=r.text, start=self._t(u.start), end=self._t(u.end),
-                        confidence=r.confidence, reason=u.reason)  # fmt: skip
+        t0 = self._t(u.start)
+        words = tuple(Word(w.text, round(t0 + w.start, 3), round(t0 + w.end, 3)) for w in r.words)
+        ev = self._emit(Final, utterance_id=u.id, transcript=r.text, start=t0, end=self._t(u.end),
+                        confidence=r.confidence, reason=u.reason, words=words)  # fmt: skip
         self.finals.append(ev.to_dict())
         u.final_ids, u.final_speech = r.tokens, r.speech
         if (self.config.tasks or self.config.chat) and r.tokens:

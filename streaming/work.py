@@ -30,7 +30,7 @@ from osum.audio import log_mel
 from osum.decoding import DecodingOptions, generate, score_continuations
 from osum.inference import slot_ids
 from osum.model import OsumModel, SpeechStreamCache, stack_speech
-from osum.tasks import LABELS, STTC_SEPARATOR, get_task
+from osum.tasks import LABELS, STTC_SEPARATOR, Word, get_task
 
 from .drafts import budget, partial_on_cache, task_prompt, verify_and_decode, verify_and_decode_batch
 from .events import UNSUPPORTED, Label
@@ -72,6 +72,7 @@ class PartialResult:
 class FinalRequest:
     audio: np.ndarray  # the utterance, 16 kHz float
     draft: list[int] = field(default_factory=list)  # the last partial hypothesis, to verify
+    words: bool = False  # also the transcript's word times (the model's aligner)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class FinalResult:
     text: str
     confidence: float | None
     speech: torch.Tensor  # (L, d_llm) full-context embeddings, reused by the analysis
+    words: tuple[Word, ...] = ()  # times in seconds from the utterance's first sample
 
 
 @dataclass
@@ -102,7 +104,8 @@ class AnalysisResult:
 
 @torch.inference_mode()
 def run_finals(model: OsumModel, reqs: list[FinalRequest], max_new_tokens: int = 200) -> list[FinalResult]:
-    speech, speech_len = model.encode_each([log_mel(r.audio) for r in reqs])  # each alone, as offline
+    # each alone, as offline; the encoder's own output too where word times are asked for
+    speech, speech_len, states = model.encode_each_with_states([log_mel(r.audio) for r in reqs])
     plain = [b for b, r in enumerate(reqs) if not r.draft]  # no draft: one batched greedy decode
     decoded: dict[int, tuple[list[int], list[float]]] = {}
     if plain:
@@ -122,7 +125,8 @@ def run_finals(model: OsumModel, reqs: list[FinalRequest], max_new_tokens: int =
         tokens, lps = decoded[b]
         conf = float(np.exp(np.mean(lps))) if lps else None
         text = model.tokenizer.decode(tokens).strip()
-        out.append(FinalResult(tokens, text, conf, speech[b, : int(speech_len[b])]))
+        words = model.aligner.align(states[b], text, reqs[b].audio.size / 16000) if reqs[b].words and model.aligner else ()
+        out.append(FinalResult(tokens, text, conf, speech[b, : int(speech_len[b])], words))
     return out
 
 

@@ -35,6 +35,12 @@ def _config(**kw) -> pb.StreamingRecognizeRequest:  # type: ignore[no-untyped-de
     return pb.StreamingRecognizeRequest(streaming_config=sc)
 
 
+def _words_config() -> pb.StreamingRecognizeRequest:
+    req = _config()
+    req.streaming_config.config.enable_word_time_offsets = True
+    return req
+
+
 async def _stream(stub, audio: np.ndarray, first: pb.StreamingRecognizeRequest | None = None,  # type: ignore[no-untyped-def]
                   extra: list | None = None) -> list[pb.StreamingRecognizeResponse]:
     """One StreamingRecognize call made as the SDK makes it: the config, then the audio only after
@@ -109,6 +115,7 @@ def test_streaming_over_grpc_equals_the_engine(tiny_model, male_clip) -> None:  
         (None, [_config()], grpc.StatusCode.INVALID_ARGUMENT, "only allowed in the first"),
         (_config(partial_step_ms=100), None, grpc.StatusCode.INVALID_ARGUMENT, "multiple of 80"),
         (_config(resume_token="nope", last_seq=3), None, grpc.StatusCode.NOT_FOUND, "no session"),
+        (_words_config(), None, grpc.StatusCode.FAILED_PRECONDITION, "no word times"),  # the tiny model has no aligner
         (pb.StreamingRecognizeRequest(), None, grpc.StatusCode.INVALID_ARGUMENT, "first message"),  # empty, first
         (None, [pb.StreamingRecognizeRequest()], grpc.StatusCode.INVALID_ARGUMENT, "empty request"),  # empty, later
     ],

@@ -196,6 +196,8 @@ def _configure(**fields: Any) -> str:
         ([b"\x00" * ((1 << 20) + 10)], "tasks=emotion", 1009, None),  # oversized frame: websockets closes, no Error
         ([], "sample_rate=4000", 4400, "invalid_config"),  # a rate out of range
         ([], "tasks=karaoke", 4400, "invalid_config"),
+        ([], "words=true", 4400, "unsupported_task"),  # the tiny model has no word aligner
+        ([], "words=maybe", 4400, "invalid_config"),
         ([json.dumps({"type": "KeepAlive", "extra": 1})], "tasks=emotion", 1008, "protocol_error"),
         # resume fields: each of these was a ValueError/TypeError and close 1011
         ([], "resume=abc.def&last_seq=xyz", 4400, "invalid_config"),

@@ -61,6 +61,7 @@ class StreamOptions:
     chat: bool = False
     endpointing_ms: int | None = None  # trailing silence that ends an utterance (server default 600)
     eager_final_ms: int | None = None  # start the final pass after this much silence (server default 200; 0: off)
+    words: bool = False  # each Final's words with their times (Final.words)
     realtime: bool = True  # pace the source at real time; False: as fast as the server takes it
     keepalive_s: float = 5.0
     reconnects: int = 3
@@ -87,7 +88,8 @@ class _WsConnection:
         from websockets.exceptions import InvalidStatus
 
         q = {"encoding": "linear16", "sample_rate": str(opt.sample_rate), "tasks": ",".join(opt.tasks),
-             "interim_results": str(opt.interim_results).lower(), "chat": str(opt.chat).lower(), **opt.extra}  # fmt: skip
+             "interim_results": str(opt.interim_results).lower(), "chat": str(opt.chat).lower(),
+             "words": str(opt.words).lower(), **opt.extra}  # fmt: skip
         if opt.endpointing_ms is not None:
             q["endpointing"] = str(opt.endpointing_ms)
         if opt.eager_final_ms is not None:
@@ -160,7 +162,8 @@ class _GrpcConnection:
         from .proto import speech_pb2_grpc
 
         rc = pb.RecognitionConfig(encoding=pb.RecognitionConfig.LINEAR16, sample_rate_hertz=opt.sample_rate,
-                                  analysis_tasks=list(opt.tasks), enable_chat_reply=opt.chat)  # fmt: skip
+                                  analysis_tasks=list(opt.tasks), enable_chat_reply=opt.chat,
+                                  enable_word_time_offsets=opt.words)  # fmt: skip
         if opt.endpointing_ms is not None:
             rc.endpointing_config.min_silence_ms = opt.endpointing_ms
         if opt.eager_final_ms is not None:

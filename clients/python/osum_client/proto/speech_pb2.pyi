@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecognitionConfig(_message.Message):
-    __slots__ = ("encoding", "sample_rate_hertz", "audio_channel_count", "language_code", "model", "analysis_tasks", "enable_chat_reply", "endpointing_config")
+    __slots__ = ("encoding", "sample_rate_hertz", "audio_channel_count", "language_code", "model", "analysis_tasks", "enable_chat_reply", "endpointing_config", "enable_word_time_offsets")
     class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ENCODING_UNSPECIFIED: _ClassVar[RecognitionConfig.AudioEncoding]
@@ -25,6 +25,7 @@ class RecognitionConfig(_message.Message):
     ANALYSIS_TASKS_FIELD_NUMBER: _ClassVar[int]
     ENABLE_CHAT_REPLY_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTING_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ENABLE_WORD_TIME_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     encoding: RecognitionConfig.AudioEncoding
     sample_rate_hertz: int
     audio_channel_count: int
@@ -33,7 +34,8 @@ class RecognitionConfig(_message.Message):
     analysis_tasks: _containers.RepeatedScalarFieldContainer[str]
     enable_chat_reply: bool
     endpointing_config: EndpointingConfig
-    def __init__(self, encoding: _Optional[_Union[RecognitionConfig.AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., audio_channel_count: _Optional[int] = ..., language_code: _Optional[str] = ..., model: _Optional[str] = ..., analysis_tasks: _Optional[_Iterable[str]] = ..., enable_chat_reply: _Optional[bool] = ..., endpointing_config: _Optional[_Union[EndpointingConfig, _Mapping]] = ...) -> None: ...
+    enable_word_time_offsets: bool
+    def __init__(self, encoding: _Optional[_Union[RecognitionConfig.AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., audio_channel_count: _Optional[int] = ..., language_code: _Optional[str] = ..., model: _Optional[str] = ..., analysis_tasks: _Optional[_Iterable[str]] = ..., enable_chat_reply: _Optional[bool] = ..., endpointing_config: _Optional[_Union[EndpointingConfig, _Mapping]] = ..., enable_word_time_offsets: _Optional[bool] = ...) -> None: ...
 
 class EndpointingConfig(_message.Message):
     __slots__ = ("min_silence_ms", "min_speech_ms", "max_utterance_s", "threshold", "eager_final_ms")
