@@ -216,3 +216,12 @@ def test_chat_replies_stream_as_they_are_written(tiny_model, male_clip) -> None:
         assert len(deltas) >= 2 and all(d.seq < analysis.seq and d.utterance_id == analysis.utterance_id for d in deltas)
         joined = "".join(d.delta for d in deltas)  # a split multi-byte character at the very end is held back
         assert analysis.reply and joined.strip() == analysis.reply.rstrip("\ufffd").strip()
+
+
+def test_osum_stream_prints_word_times_under_their_final() -> None:
+    from osum_client.cli import format_final
+    from osum_client.events import Word
+
+    f = Final(3, "s", 0, "hello world", 1.0, 2.0, 0.9, (Word("hello", 1.02, 1.4), Word("world", 1.45, 1.9)))
+    assert format_final(f).splitlines() == ["[   1.00 -    2.00] hello world", "       1.02 -    1.40  hello", "       1.45 -    1.90  world"]
+    assert format_final(replace(f, words=())) == "[   1.00 -    2.00] hello world"

@@ -162,6 +162,21 @@ def test_osum_serve_runs_osum_mini_by_default(held_out) -> None:  # type: ignore
         words = finals[0]["words"]
         assert [w["word"] for w in words] == finals[0]["transcript"].split()
         assert all(finals[0]["start"] <= w["start"] < w["end"] <= finals[0]["end"] for w in words)
+        # the SDK over gRPC (enable_word_time_offsets), the same samples: the same transcript and word times
+        from osum_client import AsyncClient, StreamOptions, from_array
+        from osum_client.events import Final
+
+        from .serving import pcm16
+
+        same = np.frombuffer(pcm16(np.concatenate([sil, audio, sil])), "<i2")  # as stream_listen sent them
+
+        async def sdk() -> list:
+            opt = StreamOptions(tasks=(), realtime=False, words=True)
+            return [ev async for ev in AsyncClient(f"grpc://127.0.0.1:{info['grpc_port']}").stream(from_array(same), opt)]
+
+        grpc_final = [e for e in asyncio.run(asyncio.wait_for(sdk(), 120)) if isinstance(e, Final)]
+        assert len(grpc_final) == 1 and grpc_final[0].transcript == finals[0]["transcript"]
+        assert np.allclose([(w.start, w.end) for w in grpc_final[0].words], [(w["start"], w["end"]) for w in words], atol=2e-3)
         analysis = [m for m in msgs if m["type"] == "Analysis"]
         assert analysis and analysis[0]["tags"]["emotion"]["label"] == "unsupported"
     finally:

@@ -39,7 +39,10 @@ def format_tags(a: Analysis) -> str:
 
 
 def format_final(f: Final) -> str:
-    return f"[{f.start:7.2f} - {f.end:7.2f}] {f.transcript.strip()}"
+    line = f"[{f.start:7.2f} - {f.end:7.2f}] {f.transcript.strip()}"
+    if f.words:  # asked for with --words
+        line += "\n" + "\n".join(f"    {w.start:7.2f} - {w.end:7.2f}  {w.word}" for w in f.words)
+    return line
 
 
 class Printer:
@@ -89,7 +92,7 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     url = args.url or DEFAULT_URLS[args.protocol]
     tasks = tuple(t for t in args.tasks.split(",") if t)
     opt = StreamOptions(tasks=tasks, realtime=not args.fast or args.mic, chat=args.chat,
-                        interim_results=not args.no_partials)  # fmt: skip
+                        interim_results=not args.no_partials, words=args.words)  # fmt: skip
     source: Any = from_mic(opt.sample_rate) if args.mic else from_file(args.file, opt.sample_rate)
     printer = None if args.json else Printer(out)
     failed = False
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON event per line")
     ap.add_argument("--fast", action="store_true", help="send a file as fast as the server takes it, not in real time")
     ap.add_argument("--no-partials", action="store_true", help="finals only")
+    ap.add_argument("--words", action="store_true", help="each final's word times (osum-mini)")
     args = ap.parse_args(argv)
     if args.url and args.url.startswith("grpc://"):
         args.protocol = "grpc"
