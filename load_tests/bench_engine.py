@@ -205,15 +205,17 @@ def main() -> None:
     ap.add_argument("--partial-step-ms", type=int, default=SessionConfig.partial_step_ms)
     ap.add_argument("--quantize", choices=("none", "int8"), default="none")
     ap.add_argument("--breakdown", action="store_true", help="also time the final pass's parts on an idle worker")
+    ap.add_argument("--words", action="store_true", help="sessions ask for word times (the model's aligner)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load(args.model, args.overlay, args.quantize)
     pool = clips()
     cfg = SessionConfig(tasks=tuple(t for t in args.tasks.split(",") if t), eager_final_ms=args.eager_final_ms,
-                        partial_step_ms=args.partial_step_ms)  # fmt: skip
+                        partial_step_ms=args.partial_step_ms, word_times=args.words)  # fmt: skip
     name = (f"osum-mini + {args.overlay}" if args.overlay else args.model) + (" (LLM int8)" if args.quantize == "int8" else "")
     print(f"model {name}; {args.threads} threads; partial step {cfg.partial_step_ms} ms; endpoint silence "
-          f"{cfg.vad.min_silence_ms} ms; eager final after {cfg.eager_after_ms} ms; {args.seconds:.0f} s of audio per stream")  # fmt: skip
+          f"{cfg.vad.min_silence_ms} ms; eager final after {cfg.eager_after_ms} ms; {args.seconds:.0f} s of audio per stream"
+          + ("; word times" if cfg.word_times else ""))  # fmt: skip
     print(f"{'streams':>7} {'utts':>5} | {'first partial P50/P95 ms':>25} | {'endpoint P50/P95 ms':>20} | {'final P50/P95 ms':>17} | {'analysis P50/P95 ms':>20} | {'CPU/audio':>9}")
     for n in (int(x) for x in args.streams.split(",")):
         rng = random.Random(n)
