@@ -254,6 +254,12 @@ def test_recognize_a_file(tiny_model, male_clip, female_clip) -> None:  # type: 
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.Recognize(pb.RecognizeRequest(config=cfg, audio=b"not audio"))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # word times reach the engine, which refuses them for a model without an aligner
+        words = pb.RecognitionConfig(encoding=pb.RecognitionConfig.LINEAR16, sample_rate_hertz=16000, enable_word_time_offsets=True)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Recognize(pb.RecognizeRequest(config=words, audio=_pcm(audio)))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no word times" in e.value.details()
+        assert dict(e.value.trailing_metadata() or ()).get("osum-code") == "unsupported_task"
 
     asyncio.run(_with_server(tiny_model, body))
 
