@@ -19,6 +19,7 @@ from .decoding import DecodingOptions, Hypothesis, generate, score_continuations
 from .errors import UnsupportedTaskError
 from .model import OsumModel
 from .tasks import LABELS, ParsedOutput, Tag, Task, get_task, parse_output
+from .timing import require_aligner
 
 __all__ = ["Result", "features", "recognize", "slot_ids"]
 
@@ -100,8 +101,7 @@ def recognize(
             raise UnsupportedTaskError(
                 f"model {model.cfg.name!r} does not support task {task.name!r} (supported: {', '.join(supported)})"
             )
-    if word_times and model.aligner is None:
-        raise UnsupportedTaskError(f"model {model.cfg.name!r} gives no word times (it has no word aligner)")
+    aligner = require_aligner(model) if word_times else None
     options = options or DecodingOptions()
     if isinstance(audios, np.ndarray) and audios.ndim == 1:
         audios = [audios]
@@ -115,8 +115,8 @@ def recognize(
     parsed = [parse_output(task, tok.decode(h.tokens, skip_special_tokens=False)) for h in hyps]
     if score_tags and task.tags:
         parsed = _score_tags(model, task, prompts, speech, speech_len, parsed)
-    if word_times:
-        parsed = [p if p.words or not p.transcript else replace(p, words=model.aligner.align(x, p.transcript, len(a) / SAMPLE_RATE))
+    if aligner is not None:
+        parsed = [p if p.words or not p.transcript else replace(p, words=aligner.align(x, p.transcript, len(a) / SAMPLE_RATE))
                   for p, x, a in zip(parsed, states, signals)]  # fmt: skip
     return [_result(p, h, len(s) / SAMPLE_RATE) for p, h, s in zip(parsed, hyps, signals)]
 

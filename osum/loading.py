@@ -256,16 +256,10 @@ def _base_with_overlay(base: Path, overlay: Path, device: str | torch.device, qu
     model = _build_with_weights(cfg, sd, f"{base} + {overlay.name}")
     model.tokenizer = load_tokenizer(base)
     model.card = card
-    whisper = base / "whisper-base"
-    if "alignment_heads" in _text(whisper / "generation_config.json"):  # a base prepared before has none
-        from .timing import WordAligner
+    from .timing import WordAligner
 
-        model.aligner = WordAligner.load(whisper)
+    model.aligner = WordAligner.load(base / "whisper-base")
     return model.place(device, quantize)
-
-
-def _text(path: Path) -> str:
-    return path.read_text() if path.is_file() else ""
 
 
 def read_card(overlay: Path) -> dict | None:

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .baseline import EN, EOT, NO_TIMESTAMPS, SOT, TRANSCRIBE
+from .errors import UnsupportedTaskError
 from .tasks import Word
 
-__all__ = ["WordAligner", "dtw", "word_times"]
+__all__ = ["WordAligner", "dtw", "require_aligner", "word_times"]
 
-SOT, EN, TRANSCRIBE, NO_TIMESTAMPS, EOT = 50258, 50259, 50359, 50363, 50257
 FRAME_S = 0.02  # one encoder frame: Whisper's 50 Hz
 MEDIAN_WIDTH = 7
 # added to every word's (start, end): the path runs early against the reference (see
@@ -120,8 +121,7 @@ def word_times(
     out: list[tuple[float, float]] = []
     prev = 0.0
     for k in range(max(word_of_token) + 1):
-        s, e = spans.get(k, [prev - shifts[0], prev - shifts[1]])  # punctuation alone: empty, where it is
-        s, e = s + shifts[0], e + shifts[1]
+        s, e = (spans[k][0] + shifts[0], spans[k][1] + shifts[1]) if k in spans else (prev, prev)  # no token counted
         s = max(min(max(s, prev), limit - FRAME_S), 0.0)
         out.append((s, min(max(e, s + FRAME_S), limit)))  # at least a frame long
         prev = s
@@ -144,35 +144,31 @@ class WordAligner:
         self.decoder = decoder.eval()
         self.heads = heads
         self.tokenizer = tokenizer
-        self.layers = sorted({layer for layer, _ in heads})
         self.shifts = SHIFTS
 
     @classmethod
-    def load(cls, path: str | Path) -> WordAligner:
+    def load(cls, path: str | Path) -> WordAligner | None:
         """From a Whisper directory (``config.json``, ``model.safetensors``, ``tokenizer.json``,
-        and ``generation_config.json`` with ``alignment_heads``), decoder weights only."""
-        from safetensors.torch import load_file
+        and ``generation_config.json`` with ``alignment_heads``), decoder weights only; None
+        where the heads are not listed (a base prepared before ``osum prepare`` wrote them)."""
+        from safetensors import safe_open
         from tokenizers import Tokenizer
         from transformers import WhisperConfig
         from transformers.models.whisper.modeling_whisper import WhisperDecoder
 
         path = Path(path)
-        heads = json.loads((path / "generation_config.json").read_text()).get("alignment_heads")
+        gen = path / "generation_config.json"
+        heads = json.loads(gen.read_text()).get("alignment_heads") if gen.is_file() else None
         if not heads:
-            raise ValueError(f"{path}: generation_config.json has no alignment_heads (re-run `osum prepare`)")
+            return None
         config = WhisperConfig.from_pretrained(str(path))
         config._attn_implementation = "eager"  # attention weights are what we need
         decoder = WhisperDecoder(config)
         prefix = "model.decoder."
-        state = {
-            k[len(prefix) :]: v for k, v in load_file(str(path / "model.safetensors")).items() if k.startswith(prefix)
-        }
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:  # the decoder's tensors only
+            state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         decoder.load_state_dict(state)
         return cls(decoder, [tuple(h) for h in heads], Tokenizer.from_file(str(path / "tokenizer.json")))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.decoder.parameters())
 
     @torch.inference_mode()
     def align(self, encoded: torch.Tensor, transcript: str, duration: float | None = None) -> tuple[Word, ...]:
@@ -207,3 +203,12 @@ class WordAligner:
         n = int(encoded.shape[0])
         spans = word_times(att, word_of_token, n, self.shifts, duration)
         return tuple(Word(w, round(s, 3), round(e, 3)) for w, (s, e) in zip(words, spans))
+
+
+def require_aligner(model: Any) -> WordAligner:
+    """``model``'s word aligner; UnsupportedTaskError for a model that has none."""
+    aligner = getattr(model, "aligner", None)
+    if aligner is None:
+        name = getattr(getattr(model, "cfg", None), "name", "this")
+        raise UnsupportedTaskError(f"model {name!r} gives no word times (it has no word aligner)")
+    return aligner

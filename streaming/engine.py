@@ -42,7 +42,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from osum.errors import OsumError, UnsupportedTaskError
+from osum.errors import OsumError
+from osum.timing import require_aligner
 
 from .events import Analysis, Error, Event, Final, Partial, event_from_dict
 from .metrics import EngineMetrics
@@ -184,9 +185,8 @@ class Engine:
                 stored under it (expired).
             UnsupportedTaskError: word times asked of a model that has no word aligner.
         """
-        if config.word_times and getattr(self.model, "aligner", None) is None:
-            name = getattr(getattr(self.model, "cfg", None), "name", "this")
-            raise UnsupportedTaskError(f"model {name!r} gives no word times (it has no word aligner)")
+        if config.word_times:
+            require_aligner(self.model)
         if not self.accepting:
             if self._started:  # a draining server: "go elsewhere now", not "this one is full, wait"
                 self.metrics.refused.labels("shutting_down").inc()

@@ -205,8 +205,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
                 # Said in-band first: a client still writing when the status arrives may be shown
                 # INTERNAL by grpc-python instead of our status (grpc/grpc#36066); the message it
                 # has already read says what happened.
-                code = ending.code if isinstance(ending, OsumError) else "internal"
-                text = with_hint(code, str(ending)) if isinstance(ending, OsumError) else "internal error"
+                code, text = _said(ending)
                 yield pb.StreamingRecognizeResponse(seq=-1, session_id=session.id,
                                                     error=pb.StreamError(code=code, message=text, fatal=True))
                 await _abort(self.engine, context, ending)
@@ -265,17 +264,21 @@ async def _settle(reader: asyncio.Task[None], session: Any) -> None:
     await session.abort()  # end() is idempotent; then wait until the session has closed
 
 
+def _said(e: BaseException) -> tuple[str, str]:
+    """What the client is told of ``e``: its code and message ("internal" for a bug of ours)."""
+    return (e.code, with_hint(e.code, str(e))) if isinstance(e, OsumError) else ("internal", "internal error")
+
+
 async def _abort(engine: Engine, context: grpc.aio.ServicerContext, e: BaseException) -> None:
     """End the call with ``e``'s status (counted in ``osum_calls_failed_total``); raises."""
-    engine.metrics.failed.labels("grpc", e.code if isinstance(e, OsumError) else "internal").inc()
-    if isinstance(e, OsumError):
-        # osum-code: the error's own code (as on the WebSocket), finer than the status
-        md = (("osum-code", e.code),) + ((("retry-after", str(RETRY_AFTER_S)),) if e.code in RETRY_CODES else ())
-        context.set_trailing_metadata(md)
-        await context.abort(grpc_status(e.code), with_hint(e.code, str(e)))
-    log.error("internal error", exc_info=e)
-    context.set_trailing_metadata((("osum-code", "internal"),))
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    code, text = _said(e)
+    engine.metrics.failed.labels("grpc", code).inc()
+    if not isinstance(e, OsumError):
+        log.error("internal error", exc_info=e)
+    # osum-code: the error's own code (as on the WebSocket), finer than the status
+    retry = (("retry-after", str(RETRY_AFTER_S)),) if code in RETRY_CODES else ()
+    context.set_trailing_metadata((("osum-code", code), *retry))
+    await context.abort(grpc_status(code) if isinstance(e, OsumError) else grpc.StatusCode.INTERNAL, text)
 
 
 def add_to_server(servicer: SpeechServicer, server: grpc.aio.Server) -> None:

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from ..audio import SAMPLE_RATE, log_mel, resample
-from ..loading import cache_dir, load_model
-from ..timing import WordAligner
+from ..loading import load_model
 from .data import is_test, real_prompts
 
 RATES = (0.8, 1.0, 1.25)  # piper length_scale: fast, normal, slow
@@ -134,7 +133,9 @@ def main() -> None:
 
     voice = PiperVoice.load(str(joe.model_path()), config_path=str(joe.config_path()), include_alignments=True)
     model = load_model("osum-mini")
-    aligner = WordAligner.load(cache_dir() / "osum-mini" / "whisper-base")
+    aligner = model.aligner
+    if aligner is None:
+        ap.error("osum-mini's base has no word aligner: re-run `osum prepare osum-mini`")
     if args.calibrate:  # training prompts only: the held-out ones measure the result
         aligner.shifts = (0.0, 0.0)
         prompts = [p for p in real_prompts() if not is_test(p) and len(p.text.split()) >= 3][: args.limit]
