@@ -188,7 +188,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def run_level(n: int, port: int, protocol: str, seconds: float, ramp: float, pid: int, seed: int) -> dict:
+async def run_level(n: int, port: int, protocol: str, seconds: float, ramp: float, pids: list[int], seed: int) -> dict:
     rng = random.Random(seed)
     pool = clips()
     progs = []
@@ -202,9 +202,10 @@ async def run_level(n: int, port: int, protocol: str, seconds: float, ramp: floa
         await asyncio.sleep(ramp * i / max(1, n))
         return await session(port, *progs[i])
 
-    cpu0, me0, t0 = _cpu_seconds(pid), _cpu_seconds(os.getpid()), time.perf_counter()
+    server_cpu = lambda: sum(_cpu_seconds(p) for p in pids)  # noqa: E731 (the server's processes: supervisor and workers)
+    cpu0, me0, t0 = server_cpu(), _cpu_seconds(os.getpid()), time.perf_counter()
     results = await asyncio.gather(*(one(i) for i in range(n)))
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds(pid) - cpu0
+    wall, cpu = time.perf_counter() - t0, server_cpu() - cpu0
     driver_cpu = _cpu_seconds(os.getpid()) - me0
     total = Stats()
     for r in results:
@@ -221,10 +222,11 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_server(engine: str, model: str, max_sessions: int, profile: Path | None = None,
-                 event_loop: str = "auto") -> tuple[subprocess.Popen, dict]:  # type: ignore[type-arg]
+                 event_loop: str = "auto", workers: int = 1) -> tuple[subprocess.Popen, dict]:  # type: ignore[type-arg]
     prof = ["-m", "cProfile", "-o", str(profile)] if profile else []
     cmd = [sys.executable, *prof, "-m", "streaming.app", "--engine", engine, "--model", model, "--grpc-port", "0", "--ws-port", "0",
-           "--max-sessions", str(max_sessions), "--idle-timeout", "120", "--event-loop", event_loop]  # fmt: skip
+           "--max-sessions", str(max_sessions * workers), "--idle-timeout", "120", "--event-loop", event_loop,
+           "--workers", str(workers)]  # fmt: skip  # each worker may take them all: the kernel's spread is uneven
     log = open(os.environ.get("OSUM_LOAD_SERVER_LOG", os.devnull), "w")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
@@ -251,21 +253,23 @@ def main() -> None:
     ap.add_argument("--keep-going", action="store_true", help="measure every N, also past the first failure (for plots)")
     ap.add_argument("--profile", type=Path, help="run the server under cProfile, writing here")
     ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="the server's and the driver's event loop")
+    ap.add_argument("--workers", type=int, default=1, help="server processes sharing the ports (osum-serve --workers)")
     args = ap.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
     if max(levels) > args.max_sessions:
         raise SystemExit(f"at most {args.max_sessions} sessions")
-    proc, info = start_server(args.engine, args.model, max(levels) + 10, args.profile, args.event_loop)
+    proc, info = start_server(args.engine, args.model, max(levels) + 10, args.profile, args.event_loop, args.workers)
+    pids = [proc.pid, *info.get("workers", [])]
     port = info["ws_port"] if args.protocol == "ws" else info["grpc_port"]
     rows, knee = [], None
     head = ("| N | utterances | errors | first partial P50/P95/P99 ms | final P50/P95/P99 ms | added P50/P95/P99 ms | "
             "analysis P50/P95 ms | driver lag P99 ms | server CPU | driver CPU | audio s per s |")  # fmt: skip
     print(f"engine={args.engine} model={args.model if args.engine == 'model' else '-'} protocol={args.protocol} "
-          f"seconds={args.seconds} cores={os.cpu_count()}\n\n{head}\n|" + "---:|" * 11, flush=True)
+          f"workers={args.workers} seconds={args.seconds} cores={os.cpu_count()}\n\n{head}\n|" + "---:|" * 11, flush=True)
     try:
         for i, n in enumerate(levels):
             with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:  # the driver: the same loop
-                r = runner.run(run_level(n, port, args.protocol, args.seconds, args.ramp, proc.pid, seed=i))
+                r = runner.run(run_level(n, port, args.protocol, args.seconds, args.ramp, pids, seed=i))
             s: Stats = r["stats"]
             row = {"n": n, "utterances": s.utterances, "errors": s.errors, "server_cpu": r["server_cpu"], "driver_cpu": r["driver_cpu"],
                    "audio_per_s": s.audio_s / r["wall"]}  # fmt: skip

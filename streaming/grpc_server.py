@@ -302,18 +302,28 @@ def add_to_server(servicer: SpeechServicer, server: grpc.aio.Server) -> None:
 
 
 async def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0, auth: Authenticator | None = None,
-                idle_timeout_s: float = 30.0, max_message_bytes: int = 2 << 20) -> tuple[grpc.aio.Server, int]:  # fmt: skip
-    """Start a gRPC server for ``engine``; returns it and the bound port."""
+                idle_timeout_s: float = 30.0, max_message_bytes: int = 2 << 20,
+                reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:  # fmt: skip
+    """Start a gRPC server for ``engine``; returns it and the bound port.
+
+    ``reuse_port``: share the port with other processes (``SO_REUSEPORT``: osum-serve's
+    workers). Off, a port another process holds is an error (gRPC's own default is on, which
+    would silently split the connections with whoever holds it).
+    Raises InvalidConfigError when the port cannot be bound."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.so_reuseport", int(reuse_port))])  # fmt: skip
     add_to_server(SpeechServicer(engine, auth, idle_timeout_s), server)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     service = pb.DESCRIPTOR.services_by_name["Speech"].full_name
     reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:  # grpcio: "Failed to bind to address ..."
+        raise InvalidConfigError(f"gRPC cannot listen on {host}:{port} (in use?): {e}") from None
     await server.start()
     serving = health_pb2.HealthCheckResponse.SERVING
     for name in ("", service):

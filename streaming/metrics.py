@@ -1,6 +1,9 @@
 """Prometheus metrics of one engine (served at ``/metrics`` by ``osum-serve``).
 
 A registry per engine, so that several engines in one process (tests) do not collide.
+Under ``osum-serve --workers N`` (:mod:`streaming.workers`), ``PROMETHEUS_MULTIPROC_DIR`` is
+set: every worker writes its values there and renders the sum over all workers, so a
+scrape that reaches any worker sees the whole server (gauges: the live workers' sum).
 
 | metric | type | meaning |
 |---|---|---|
@@ -18,6 +21,8 @@ A registry per engine, so that several engines in one process (tests) do not col
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["EngineMetrics"]
@@ -31,7 +36,7 @@ class EngineMetrics:
         r = self.registry
         self.opened = Counter("osum_sessions_opened", "Sessions opened", ["resumed"], registry=r)
         self.refused = Counter("osum_sessions_refused", "Sessions refused", ["code"], registry=r)
-        self.active = Gauge("osum_sessions_active", "Open sessions", registry=r)
+        self.active = Gauge("osum_sessions_active", "Open sessions", registry=r, multiprocess_mode="livesum")
         self.audio = Counter("osum_audio_seconds", "Audio received, seconds", registry=r)
         self.events = Counter("osum_events", "Events sent", ["type"], registry=r)
         self.errors = Counter("osum_errors", "Error events", ["code"], registry=r)
@@ -39,8 +44,14 @@ class EngineMetrics:
         self.latency = Histogram("osum_result_latency_seconds", "Audio arrived -> result handed to the connection",
                                  ["type"], buckets=_BUCKETS, registry=r)  # fmt: skip
         self.work = Histogram("osum_work_seconds", "Queue wait plus model time per request", ["kind"], buckets=_BUCKETS, registry=r)
-        self.queue = Gauge("osum_queue_depth", "Requests waiting for the model worker", registry=r)
+        self.queue = Gauge("osum_queue_depth", "Requests waiting for the model worker", registry=r, multiprocess_mode="livesum")
 
     def render(self) -> bytes:
-        """The text exposition format."""
+        """The text exposition format (with workers: all workers' values, summed)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry)

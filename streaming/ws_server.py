@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from osum.errors import OsumError
+from osum.errors import InvalidConfigError, OsumError
 
 from .auth import ANONYMOUS, Authenticator, Principal, UnauthenticatedError, credential_from
 from .engine import Engine, LiveSession
@@ -257,12 +257,17 @@ def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) 
 
 async def serve_ws(engine: Engine, host: str = "127.0.0.1", port: int = 0, auth: Authenticator | None = None,
                    http: HttpRoutes | None = None, idle_timeout_s: float = 30.0,
-                   max_frame_bytes: int = MAX_FRAME_BYTES) -> tuple[Server, int]:  # fmt: skip
+                   max_frame_bytes: int = MAX_FRAME_BYTES, reuse_port: bool = False) -> tuple[Server, int]:  # fmt: skip
     """Start the WebSocket server (``/v1/listen``, ``/v1/realtime`` and the given HTTP routes);
-    returns it and the bound port."""
-    server = await serve(
-        ListenHandler(engine, idle_timeout_s), host, port, max_size=max_frame_bytes, compression=None,
-        process_request=request_hook(auth or Authenticator(), http, engine.metrics), select_subprotocol=_select_subprotocol,
-    )  # fmt: skip
+    returns it and the bound port. ``reuse_port``: share the port with other processes
+    (``SO_REUSEPORT``: osum-serve's workers). Raises InvalidConfigError when the port cannot be bound."""
+    try:
+        server = await serve(
+            ListenHandler(engine, idle_timeout_s), host, port, max_size=max_frame_bytes, compression=None,
+            process_request=request_hook(auth or Authenticator(), http, engine.metrics),
+            select_subprotocol=_select_subprotocol, reuse_port=reuse_port,
+        )  # fmt: skip
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise InvalidConfigError(f"WebSocket cannot listen on {host}:{port}: {e.strerror or e}") from None
     bound = next(iter(server.sockets)).getsockname()[1]
     return server, bound
