@@ -94,15 +94,13 @@ def test_a_session_gets_the_same_bits_in_any_batch(tiny_int8, male_clip, female_
                                    position_ids=one.position_ids, logits_to_keep=P + 1).logits  # fmt: skip
         assert torch.equal(both_rows[b], alone_rows[0])
 
-    # what per-row attention fixes: transformers' eager attention over the padded batch differs
+    # decoding a padded batch gives each row its own bits. (transformers' eager attention over
+    # the same batch differs on the AVX2 machines this was written on, which is why per-row
+    # attention exists; on an AVX-512 machine it happened to agree, so that contrast is a
+    # property of the CPU's kernels, not asserted here.)
     opt = DecodingOptions(max_new_tokens=8)
     plain = model.splice([prompt] * 2, speech, lengths)
     assert generate(model.llm, plain, opt, -1)[1].token_logprobs == alone_lps(model, speech[1:], lengths[1:], prompt, opt)
-    model.llm.config._attn_implementation = "eager"
-    try:
-        assert generate(model.llm, plain, opt, -1)[1].token_logprobs != alone_lps(model, speech[1:], lengths[1:], prompt, opt)
-    finally:
-        model.llm.config._attn_implementation = ROWS
 
 
 def alone_lps(model, speech: torch.Tensor, lengths: torch.Tensor, prompt: list[int], opt) -> list[float]:  # type: ignore[no-untyped-def]
