@@ -57,6 +57,12 @@ class SessionConfig:
     # effect unless below min_silence_ms; raised to speech_pad_ms (the end needs that audio).
     eager_final_ms: int = 200
     word_times: bool = False  # each Final's words with their times (models with a word aligner)
+    # what a partial encodes: "full" re-encodes the utterance so far with the full-context encoder
+    # (what the models were trained on: far better partials, and drafts that the Final's pass
+    # verifies instead of decoding; cost grows with the utterance), "chunked" only the new
+    # chunk on the session's encoder and LLM caches (bounded cost; osum-mini's adapter was not
+    # trained on chunked features: held-out WER 46.7 % against 7.8 %, docs/streaming.md)
+    partial_context: str = "full"
 
     def __post_init__(self) -> None:
         if self.partial_step_ms < 80 or self.partial_step_ms % 80:
@@ -66,6 +72,8 @@ class SessionConfig:
             raise InvalidConfigError(f"unknown analysis task(s) {unknown}; known: {', '.join(TAG_TASKS)}")
         if not 1 <= self.max_partial_tokens <= 400:
             raise InvalidConfigError("max_partial_tokens must be in [1, 400]")
+        if self.partial_context not in ("full", "chunked"):
+            raise InvalidConfigError(f"partial_context must be 'full' or 'chunked', got {self.partial_context!r}")
         if self.eager_final_ms < 0:
             raise InvalidConfigError(f"eager_final_ms must be >= 0 (0: off), got {self.eager_final_ms}")
 
@@ -296,10 +304,11 @@ class Session(SessionBase):
                 u.fed += x.size
                 u.n = u.fed
                 u.since_partial += x.size
-                frames = u.mel.push(x)
-                if frames.shape[1]:
-                    u.mel_max = max(u.mel_max, float(frames.max()))
-                    u.pending.append(frames)
+                if self.config.partial_context == "chunked":  # full-context partials take the audio itself
+                    frames = u.mel.push(x)
+                    if frames.shape[1]:
+                        u.mel_max = max(u.mel_max, float(frames.max()))
+                        u.pending.append(frames)
         # keep the open utterance's audio, else enough pre-roll for the next start
         keep_from = u.start if u is not None else self._now - self._preroll
         keep_from = max(keep_from, self._buf_start)
@@ -365,6 +374,11 @@ class Session(SessionBase):
         return end if end is not None and end != u.eager_end and end - u.start >= 1600 else None
 
     def _partial_request(self, u: _Utterance) -> PartialRequest:
+        u.since_partial = 0
+        if self.config.partial_context == "full":  # the utterance so far, encoded anew by the worker
+            empty = torch.zeros(0, self.model.cfg.llm_dim)
+            return PartialRequest(torch.zeros(N_MELS, 0), None, empty, list(u.committed), list(u.unstable),
+                                  max_new_tokens=self.config.max_partial_tokens, audio=self._slice(u.start, self._now))  # fmt: skip
         raw = torch.cat(u.pending, dim=1) if u.pending else torch.zeros(N_MELS, 0)
         u.pending = []
         u.since_partial = 0

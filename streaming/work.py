@@ -47,8 +47,8 @@ _KIND = {"emotion": "emotion", "style": "style", "events": "event", "gender": "g
 
 @dataclass
 class PartialRequest:
-    mel: torch.Tensor  # (n_mels, t) new normalised frames, may be empty
-    cache: SpeechStreamCache
+    mel: torch.Tensor  # (n_mels, t) new normalised frames, may be empty (chunked)
+    cache: SpeechStreamCache | None  # the session's encoder cache (chunked; None: full context)
     speech: torch.Tensor  # (L, d_llm) speech embeddings so far
     committed: list[int]
     draft: list[int]  # the previous unstable tail
@@ -57,11 +57,14 @@ class PartialRequest:
     # the LLM's keys and values for [prompt, speech-begin, the speech so far] from this
     # session's previous partial (None: compute them); extended in place, handed back
     llm_cache: Any = None
+    # full context: the utterance so far (16 kHz float), encoded anew as a Final would be;
+    # mel, cache, speech and llm_cache are then unused
+    audio: np.ndarray | None = None
 
 
 @dataclass
 class PartialResult:
-    cache: SpeechStreamCache
+    cache: SpeechStreamCache | None
     speech: torch.Tensor
     tokens: list[int]  # committed + the new tail
     verified: int  # draft tokens accepted without decoding
@@ -192,7 +195,14 @@ def _replies(model: OsumModel, reqs: list[AnalysisRequest], results: list[Analys
 def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialResult]:
     """The sessions' new chunks through the chunked encoder in one batch (each row on its
     own cache and offset), then each session's hypothesis: on its own LLM cache (CPU, or a
-    lone partial) or all in one batched LLM pass (CUDA)."""
+    lone partial) or all in one batched LLM pass (CUDA). Full-context requests (``audio``
+    set) go to :func:`_full_partials`."""
+    full = [b for b, r in enumerate(reqs) if r.audio is not None]
+    if full:
+        done = dict(zip(full, _full_partials(model, [reqs[b] for b in full])))
+        rest = [b for b in range(len(reqs)) if b not in done]
+        done |= dict(zip(rest, run_partials(model, [reqs[b] for b in rest]) if rest else []))
+        return [done[b] for b in range(len(reqs))]
     encoded = _encode_chunks(model, reqs)
     chunks = [(torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0], cache) for r, (new, cache) in zip(reqs, encoded)]
     out = [PartialResult(cache, speech, list(r.committed), 0) for r, (speech, cache) in zip(reqs, chunks)]
@@ -214,6 +224,27 @@ def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialRe
                                           [reqs[b].draft for b in rows], [limits[b] for b in rows])  # fmt: skip
         for b, (tokens, _, verified) in zip(rows, decoded):
             out[b].tokens, out[b].verified = tokens, verified
+    return out
+
+
+def _full_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialResult]:
+    """Partials on the utterance so far with the full-context encoder (each alone, as a Final),
+    then the committed tokens forced and the previous tail verified as a draft: one by one on
+    CPU (the prefill dominates and a padded batch would cost each row the longest's), batched
+    on CUDA. Nothing is cached between partials: the frames change as the audio grows."""
+    assert all(r.audio is not None for r in reqs)
+    speech, lengths = model.encode_each([log_mel(r.audio) for r in reqs])  # type: ignore[arg-type]
+    rows = [speech[b, : int(lengths[b])] for b in range(len(reqs))]
+    limits = [max(len(r.committed), budget(x.shape[0] / 12.5, r.max_new_tokens)) for r, x in zip(reqs, rows)]
+    out = [PartialResult(None, x, list(r.committed), 0) for r, x in zip(reqs, rows)]
+    live = [b for b, x in enumerate(rows) if x.shape[0] > 0]
+    if len(live) > 1 and model.device.type != "cpu":
+        decoded = verify_and_decode_batch(model, [rows[b] for b in live], [reqs[b].committed for b in live],
+                                          [reqs[b].draft for b in live], [limits[b] for b in live])  # fmt: skip
+    else:
+        decoded = [verify_and_decode(model, rows[b], reqs[b].committed, reqs[b].draft, limits[b]) for b in live]
+    for b, (tokens, _, verified) in zip(live, decoded):
+        out[b].tokens, out[b].verified = tokens, verified
     return out
 
 

@@ -127,7 +127,8 @@ def test_resume_from_snapshot_continues_numbering(tiny_model, male_clip) -> None
     assert r.finals[0] == snap.finals[0] and len(r.finals) == 2
 
 
-@pytest.mark.parametrize("kwargs", [dict(partial_step_ms=100), dict(tasks=("karaoke",)), dict(max_partial_tokens=0)])
+@pytest.mark.parametrize("kwargs", [dict(partial_step_ms=100), dict(tasks=("karaoke",)), dict(max_partial_tokens=0),
+                                    dict(partial_context="causal")])
 def test_config_validated(kwargs: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(InvalidConfigError):
         SessionConfig(**kwargs)
@@ -351,3 +352,62 @@ def test_non_speech_makes_no_transcript(tiny_model, kind: str) -> None:  # type:
     assert not [e for e in events if isinstance(e, (Final, Partial))]
     assert all(e.reason == "too_short" for e in events if isinstance(e, SpeechEnded))
     assert s.state is State.CLOSED
+
+
+def test_full_context_partials_are_offline_recognition_of_the_audio_so_far(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """A full-context partial encodes the utterance so far as a Final would (each alone), forces
+    the committed tokens and verifies the draft; with nothing committed it is greedy decoding
+    from scratch whatever the draft. Mixed with chunked requests, each gets its own result."""
+    import torch
+
+    from osum.audio import log_mel
+    from streaming.drafts import verify_and_decode
+
+    empty = torch.zeros(0, tiny_model.cfg.llm_dim)
+
+    def full(n: int, committed: list[int], draft: list[int]) -> PartialRequest:
+        return PartialRequest(torch.zeros(0, 0), None, empty, committed, draft, max_new_tokens=6, audio=male_clip[:n])
+
+    def offline(n: int, committed: list[int], draft: list[int]) -> list[int]:
+        with torch.inference_mode():
+            speech, lengths = tiny_model.encode_each([log_mel(male_clip[:n])])
+            return verify_and_decode(tiny_model, speech[0, : int(lengths[0])], committed, draft, 6)[0]
+
+    scratch = run_partials(tiny_model, [full(24000, [], [])])[0]
+    assert scratch.tokens == offline(24000, [], []) and scratch.cache is None and scratch.llm_cache is None
+    wrong = scratch.tokens[:2] + [(scratch.tokens[2] + 1) % 1000] + scratch.tokens[3:]
+    checked = run_partials(tiny_model, [full(24000, [], wrong)])[0]
+    assert checked.tokens == scratch.tokens and checked.verified == 2  # the wrong draft cut where it errs
+    forced = [(scratch.tokens[0] + 7) % 1000]
+    chunked = PartialRequest(log_mel(male_clip)[:, :96], tiny_model.init_stream(24), empty, [], [], max_new_tokens=6)
+    alone = run_partials(tiny_model, [chunked])[0].tokens
+    chunked = PartialRequest(log_mel(male_clip)[:, :96], tiny_model.init_stream(24), empty, [], [], max_new_tokens=6)
+    mixed = run_partials(tiny_model, [full(16000, forced, []), chunked, full(24000, [], [])])
+    assert mixed[0].tokens == offline(16000, forced, []) and mixed[0].tokens[0] == forced[0]
+    assert mixed[1].tokens == alone and mixed[1].cache is not None
+    assert mixed[2].tokens == scratch.tokens
+
+
+@pytest.mark.parametrize("context", ["full", "chunked"])
+def test_a_session_asks_for_the_partials_its_config_names(tiny_model, male_clip, context) -> None:  # type: ignore[no-untyped-def]
+    """Full context (the default): each partial carries the utterance's audio so far and no
+    encoder state; chunked: only new log-mel frames on the session's caches."""
+    s = Session("s", SessionConfig(max_partial_tokens=4, tasks=(), partial_context=context), tiny_model)
+    pcm = (np.clip(np.concatenate([SIL, male_clip, SIL]), -1, 1) * 32767).astype("<i2").tobytes()
+    partials = 0
+    for i in range(0, len(pcm), 1600):
+        s.feed(pcm[i : i + 1600])
+        while (req := s.next_work()) is not None:
+            if isinstance(req, PartialRequest):
+                partials += 1
+                u = s._utts[0]
+                if context == "full":
+                    assert req.audio is not None and req.audio.size == s._now - u.start and req.cache is None
+                else:
+                    assert req.audio is None and req.cache is not None
+                s.apply(req, run_partials(tiny_model, [req])[0])
+            elif isinstance(req, FinalRequest):
+                s.apply(req, run_finals(tiny_model, [req], max_new_tokens=FINAL_TOKENS)[0])
+            else:
+                s.apply(req, run_analyses(tiny_model, [req])[0])
+    assert partials >= 2

@@ -471,3 +471,12 @@ def test_eager_finals_can_be_turned_off_on_both_protocols() -> None:
     off = pb.StreamingRecognitionConfig(config=pb.RecognitionConfig(
         sample_rate_hertz=16000, endpointing_config=pb.EndpointingConfig(eager_final_ms=0)))
     assert session_config(off).eager_after_ms is None
+
+
+def test_partial_context_is_a_websocket_option() -> None:
+    """``partial_context``: full (default) or chunked; anything else is the client's error."""
+    assert config_from_params({}).partial_context == "full"
+    assert config_from_params({"partial_context": "chunked"}).partial_context == "chunked"
+    with pytest.raises(InvalidConfigError, match="partial_context"):
+        config_from_params({"partial_context": "causal"})
+    assert listen_request({"partial_context": "chunked"}).config.partial_context == "chunked"
