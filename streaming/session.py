@@ -381,7 +381,6 @@ class Session(SessionBase):
                                   max_new_tokens=self.config.max_partial_tokens, audio=self._slice(u.start, self._now))  # fmt: skip
         raw = torch.cat(u.pending, dim=1) if u.pending else torch.zeros(N_MELS, 0)
         u.pending = []
-        u.since_partial = 0
         if u.cache is None:
             u.cache = self.model.init_stream(self.config.chunk_frames, self.config.left_chunks)
         speech = u.speech if u.speech is not None else torch.zeros(0, self.model.cfg.llm_dim)

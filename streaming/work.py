@@ -207,8 +207,7 @@ def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialRe
     chunks = [(torch.cat([r.speech, new[0]]) if r.speech.numel() else new[0], cache) for r, (new, cache) in zip(reqs, encoded)]
     out = [PartialResult(cache, speech, list(r.committed), 0) for r, (speech, cache) in zip(reqs, chunks)]
     rows = [b for b, (speech, _) in enumerate(chunks) if speech.shape[0] > 0]  # no speech frames yet: nothing to decode
-    # speech frames run at 12.5 Hz (whisper's 50 Hz / 4); committed tokens are never cut
-    limits = {b: max(len(reqs[b].committed), budget(chunks[b][0].shape[0] / 12.5, reqs[b].max_new_tokens)) for b in rows}
+    limits = {b: _token_limit(reqs[b], chunks[b][0]) for b in rows}
     # One by one on each session's LLM cache (only new frames and text computed), or all in one
     # batch from scratch (the caches cannot be stacked cheaply). On CPU the prefill dominates
     # (int8 osum-mini: ~350 ms for a 5 s utterance's prefix, ~100 ms for a partial's new part,
@@ -227,6 +226,12 @@ def run_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialRe
     return out
 
 
+def _token_limit(req: PartialRequest, speech: torch.Tensor) -> int:
+    """A partial's token budget for its (L, d_llm) speech frames, which run at 12.5 Hz (whisper's
+    50 Hz / 4); committed tokens are never cut."""
+    return max(len(req.committed), budget(speech.shape[0] / 12.5, req.max_new_tokens))
+
+
 def _full_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[PartialResult]:
     """Partials on the utterance so far with the full-context encoder (each alone, as a Final),
     then the committed tokens forced and the previous tail verified as a draft: one by one on
@@ -235,7 +240,7 @@ def _full_partials(model: OsumModel, reqs: list[PartialRequest]) -> list[Partial
     assert all(r.audio is not None for r in reqs)
     speech, lengths = model.encode_each([log_mel(r.audio) for r in reqs])  # type: ignore[arg-type]
     rows = [speech[b, : int(lengths[b])] for b in range(len(reqs))]
-    limits = [max(len(r.committed), budget(x.shape[0] / 12.5, r.max_new_tokens)) for r, x in zip(reqs, rows)]
+    limits = [_token_limit(r, x) for r, x in zip(reqs, rows)]
     out = [PartialResult(None, x, list(r.committed), 0) for r, x in zip(reqs, rows)]
     live = [b for b, x in enumerate(rows) if x.shape[0] > 0]
     if len(live) > 1 and model.device.type != "cpu":
