@@ -48,11 +48,17 @@ def clips() -> list[np.ndarray]:
     return out
 
 
-def program(seconds: float, rng: random.Random, pool: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Speech with pauses, and the true (start, end) samples of each clip."""
+def program(seconds: float, rng: random.Random, pool: list[np.ndarray], utterance_s: float = 0.0
+            ) -> tuple[np.ndarray, list[tuple[int, int]]]:  # fmt: skip
+    """Speech with pauses, and the true (start, end) samples of each utterance: one clip, or
+    with ``utterance_s``, clips joined by 100 ms gaps until that long (a long turn)."""
     parts, segs, n = [np.zeros(8000, np.float32)], [], 8000
+    gap = np.zeros(1600, np.float32)
     while n < seconds * 16000:
         c = rng.choice(pool)
+        while c.size < utterance_s * 16000:
+            c = np.concatenate([c, gap, rng.choice(pool)])
+        c = c[: int(min(max(utterance_s, 0.1), 24.0) * 16000)] if utterance_s else c  # within max_utterance_s
         segs.append((n, n + len(c)))
         pause = np.zeros(int(rng.uniform(1.0, 1.6) * 16000), np.float32)
         parts += [c, pause]
@@ -63,7 +69,8 @@ def program(seconds: float, rng: random.Random, pool: list[np.ndarray]) -> tuple
 async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]], cfg: SessionConfig) -> dict[str, list[float]]:
     s = await engine.open_session(cfg)
     sent_at: dict[int, float] = {}  # sample index at a chunk's end -> wall time it was sent
-    lat: dict[str, list[float]] = {"first_partial": [], "endpoint": [], "final": [], "analysis": []}
+    lat: dict[str, list[float]] = {"first_partial": [], "endpoint": [], "final": [], "analysis": [],
+                                   "partial_lag": [], "utterance": []}  # fmt: skip
 
     def sent_time(sample: int) -> float:
         k = min((k for k in sent_at if k >= sample), default=max(sent_at))
@@ -74,6 +81,9 @@ async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]],
         seen_partial: set[int] = set()
         async for ev in s.events():
             now = time.perf_counter()
+            if isinstance(ev, Partial):
+                # how far behind live the partial is: now - when its last audio was sent
+                lat["partial_lag"].append(now - sent_time(round(ev.end * 16000)))
             if isinstance(ev, Partial) and ev.utterance_id not in seen_partial:
                 seen_partial.add(ev.utterance_id)
                 seg = min(segs, key=lambda se: abs(se[0] / 16000 - ev.start))
@@ -84,6 +94,7 @@ async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]],
             elif isinstance(ev, Final):
                 seg = min(segs, key=lambda se: abs(se[1] / 16000 - ev.end))
                 lat["final"].append(now - sent_time(seg[1]))
+                lat["utterance"].append(ev.end - ev.start)
                 final_at[ev.utterance_id] = now
             elif isinstance(ev, Analysis) and ev.utterance_id in final_at:
                 lat["analysis"].append(now - final_at[ev.utterance_id])
@@ -203,6 +214,11 @@ def main() -> None:
     ap.add_argument("--overlay", type=Path, help="trained osum-mini weights on the prepared base (overrides --model)")
     ap.add_argument("--eager-final-ms", type=int, default=SessionConfig.eager_final_ms, help="0: eager finals off")
     ap.add_argument("--partial-step-ms", type=int, default=SessionConfig.partial_step_ms)
+    ap.add_argument("--partial-context", choices=("full", "chunked"), default=SessionConfig.partial_context)
+    ap.add_argument("--partial-growth", type=float, default=SessionConfig.partial_growth,
+                    help="full-context partials: the step grows to this fraction of the utterance (0: fixed)")
+    ap.add_argument("--utterance-s", type=float, default=0.0,
+                    help="long turns: clips joined by 100 ms gaps into utterances this long (at most 24 s)")
     ap.add_argument("--quantize", choices=("none", "int8"), default="none")
     ap.add_argument("--breakdown", action="store_true", help="also time the final pass's parts on an idle worker")
     ap.add_argument("--words", action="store_true", help="sessions ask for word times (the model's aligner)")
@@ -211,19 +227,24 @@ def main() -> None:
     model = load(args.model, args.overlay, args.quantize)
     pool = clips()
     cfg = SessionConfig(tasks=tuple(t for t in args.tasks.split(",") if t), eager_final_ms=args.eager_final_ms,
-                        partial_step_ms=args.partial_step_ms, word_times=args.words)  # fmt: skip
+                        partial_step_ms=args.partial_step_ms, word_times=args.words,
+                        partial_context=args.partial_context, partial_growth=args.partial_growth)  # fmt: skip
     name = (f"osum-mini + {args.overlay}" if args.overlay else args.model) + (" (LLM int8)" if args.quantize == "int8" else "")
-    print(f"model {name}; {args.threads} threads; partial step {cfg.partial_step_ms} ms; endpoint silence "
+    growth = f", growing to {cfg.partial_growth:g} of the utterance" if cfg.partial_context == "full" and cfg.partial_growth else ""
+    print(f"model {name}; {args.threads} threads; {cfg.partial_context}-context partials every {cfg.partial_step_ms} ms{growth}; endpoint silence "
           f"{cfg.vad.min_silence_ms} ms; eager final after {cfg.eager_after_ms} ms; {args.seconds:.0f} s of audio per stream"
           + ("; word times" if cfg.word_times else ""))  # fmt: skip
-    print(f"{'streams':>7} {'utts':>5} | {'first partial P50/P95 ms':>25} | {'endpoint P50/P95 ms':>20} | {'final P50/P95 ms':>17} | {'analysis P50/P95 ms':>20} | {'CPU/audio':>9}")
+    print(f"{'streams':>7} {'utts':>5} {'mean s':>6} | {'first partial P50/P95 ms':>25} | {'partial lag P50/P95 ms':>22} | {'endpoint P50/P95 ms':>20} "
+          f"| {'final P50/P95 ms':>17} | {'analysis P50/P95 ms':>20} | {'CPU/audio':>9}")  # fmt: skip
     for n in (int(x) for x in args.streams.split(",")):
         rng = random.Random(n)
-        progs = [program(args.seconds, rng, pool) for _ in range(n)]
+        progs = [program(args.seconds, rng, pool, args.utterance_s) for _ in range(n)]
 
         res, cpu, audio_s = asyncio.run(run_streams(model, progs, cfg))
-        merged = {k: [x for r in res for x in r[k]] for k in ("first_partial", "endpoint", "final", "analysis")}
-        print(f"{n:7d} {len(merged['final']):5d} | {pct(merged['first_partial'], 50)} / {pct(merged['first_partial'], 95):>6}          "
+        merged = {k: [x for r in res for x in r[k]] for k in res[0]}
+        mean_s = float(np.mean(merged["utterance"])) if merged["utterance"] else 0.0
+        print(f"{n:7d} {len(merged['final']):5d} {mean_s:6.1f} | {pct(merged['first_partial'], 50)} / {pct(merged['first_partial'], 95):>6}          "
+              f"| {pct(merged['partial_lag'], 50)} / {pct(merged['partial_lag'], 95):>6}       "
               f"| {pct(merged['endpoint'], 50)} / {pct(merged['endpoint'], 95):>6}     "
               f"| {pct(merged['final'], 50)} / {pct(merged['final'], 95):>6} | {pct(merged['analysis'], 50)} / {pct(merged['analysis'], 95):>6}     "
               f"| {cpu / audio_s / args.threads:5.2f}")  # fmt: skip

@@ -80,7 +80,8 @@ def session_config(sc: pb.StreamingRecognitionConfig) -> SessionConfig:
     return SessionConfig(
         audio=audio, vad=vad, interim_results=sc.interim_results, partial_step_ms=sc.partial_step_ms or 480,
         tasks=tuple(c.analysis_tasks), chat=c.enable_chat_reply, eager_final_ms=eager,
-        word_times=c.enable_word_time_offsets,
+        word_times=c.enable_word_time_offsets, partial_context=sc.partial_context or SessionConfig.partial_context,
+        partial_growth=sc.partial_growth if sc.HasField("partial_growth") else SessionConfig.partial_growth,
     )  # fmt: skip
 
 

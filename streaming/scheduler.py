@@ -62,9 +62,10 @@ class Scheduler:
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._busy_since: float | None = None
         self.batches = 0
         self.requests = 0
+        device = getattr(model, "device", None)
+        self._device_type = getattr(device, "type", "cpu")
         self._runners: dict[type, Callable[[list[Any]], list[Any]]] = {
             FinalRequest: lambda reqs: run_finals(self.model, reqs, self.opt.final_max_tokens),
             AnalysisRequest: lambda reqs: run_analyses(self.model, reqs),
@@ -126,8 +127,24 @@ class Scheduler:
                 self._cv.wait(left)  # more of this kind may come; a close wakes us too
                 if self._closed:
                     return None
-            batch = [q.popleft() for _ in range(min(len(q), self.opt.max_batch))]
+            batch = [q.popleft() for _ in range(min(len(q), self._batch_limit(kind, q)))]
             return kind, batch
+
+    def _batch_limit(self, kind: type, q: deque[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]]) -> int:
+        """How many of the queue's leading requests one batch takes. On CPU, full-context
+        partials run one after another inside a batch (``work._full_partials``), so batching
+        them gains nothing and would make a final that arrives meanwhile wait for all of
+        them: there a batch takes them one at a time, and finals wait for at most one."""
+        if kind is not PartialRequest or self._device_type != "cpu":
+            return self.opt.max_batch
+        n = 0
+        for req, _, _ in q:  # the chunked ones up to the first full-context one, or that one alone
+            if n == self.opt.max_batch:
+                break
+            if req.audio is not None:
+                return n or 1
+            n += 1
+        return n
 
     def _worker(self) -> None:
         while (taken := self._take()) is not None:

@@ -63,6 +63,13 @@ class SessionConfig:
     # chunk on the session's encoder and LLM caches (bounded cost; osum-mini's adapter was not
     # trained on chunked features: held-out WER 46.7 % against 7.8 %, docs/streaming.md)
     partial_context: str = "full"
+    # full-context partials only: the step grows to this fraction of the utterance so far
+    # (0: a fixed step). A partial's cost grows with the utterance (on 2 cores, int8, about
+    # 60 ms per second of it), so with a fixed step the work of an utterance's partials grows
+    # as its length squared and a long one holds the worker; spaced in proportion, the share
+    # of the worker stays bounded (about 60 ms / 0.1 s = 0.6 of it for one stream on 2 cores
+    # at any length) and equals the fixed step's at the length where they meet (4.8 s)
+    partial_growth: float = 0.1
 
     def __post_init__(self) -> None:
         if self.partial_step_ms < 80 or self.partial_step_ms % 80:
@@ -74,6 +81,8 @@ class SessionConfig:
             raise InvalidConfigError("max_partial_tokens must be in [1, 400]")
         if self.partial_context not in ("full", "chunked"):
             raise InvalidConfigError(f"partial_context must be 'full' or 'chunked', got {self.partial_context!r}")
+        if not 0 <= self.partial_growth <= 1:
+            raise InvalidConfigError(f"partial_growth must be in [0, 1], got {self.partial_growth}")
         if self.eager_final_ms < 0:
             raise InvalidConfigError(f"eager_final_ms must be >= 0 (0: off), got {self.eager_final_ms}")
 
@@ -82,6 +91,13 @@ class SessionConfig:
         """Trailing silence after which a final pass starts early; None when eager finals are off."""
         ms = max(self.eager_final_ms, self.vad.speech_pad_ms)
         return ms if self.eager_final_ms and ms < self.vad.min_silence_ms else None
+
+    def partial_due(self, utterance_samples: int) -> int:
+        """New 16 kHz samples between partials of an utterance that has this many so far."""
+        step = self.partial_step_ms * 16
+        if self.partial_context == "full":
+            step = max(step, int(self.partial_growth * utterance_samples))
+        return step
 
     @property
     def chunk_frames(self) -> int:
@@ -343,7 +359,7 @@ class Session(SessionBase):
             u.eager_end, u.eager = end, None
             req = FinalRequest(self._slice(u.start, end), draft=list(u.last_hyp), words=self.config.word_times)
         elif (u.stage == "partial" and allow_partial and self.config.interim_results
-              and u.since_partial >= self.config.partial_step_ms * 16 and not self._awaiting_endpoint(u)):  # fmt: skip
+              and u.since_partial >= self.config.partial_due(u.n) and not self._awaiting_endpoint(u)):  # fmt: skip
             req = self._partial_request(u)
         if req is not None:
             self._in_flight = True

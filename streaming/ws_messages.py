@@ -13,7 +13,8 @@ Query parameters (or ``Configure`` keys): ``encoding`` (linear16 | float32),
 ``tasks`` (comma-separated: emotion, style, events, gender, age), ``chat`` (true | false),
 ``endpointing`` (trailing silence in ms), ``min_speech_ms``, ``max_utterance_s``,
 ``vad_threshold``, ``eager_final_ms``, ``words`` (true | false: each final's word times),
-``partial_context`` (full | chunked: what each partial encodes), ``resume`` (a resume token), ``last_seq`` (an integer >= -1) and
+``partial_context`` (full | chunked: what each partial encodes), ``partial_growth`` (full
+context: the step grows to this fraction of the utterance so far; 0 to 1), ``resume`` (a resume token), ``last_seq`` (an integer >= -1) and
 ``token`` (the API key, already checked before the handshake). :func:`listen_request`
 validates them all: a bad value is the client's error (``invalid_config``, close 4400; a
 ``resume`` that cannot be a token: ``session_not_found``, close 4004), never a crash.
@@ -46,7 +47,7 @@ __all__ = [
 CLIENT_TYPES = ("Configure", "KeepAlive", "Finalize", "CloseStream")
 KNOWN_PARAMS = frozenset({
     "encoding", "sample_rate", "channels", "interim_results", "partial_step_ms", "tasks", "chat", "endpointing",
-    "min_speech_ms", "max_utterance_s", "vad_threshold", "eager_final_ms", "words", "partial_context", "resume", "last_seq", "token",
+    "min_speech_ms", "max_utterance_s", "vad_threshold", "eager_final_ms", "words", "partial_context", "partial_growth", "resume", "last_seq", "token",
 })  # fmt: skip
 _ENCODINGS = {"linear16": "pcm16", "pcm16": "pcm16", "float32": "float32"}
 MAX_SEQ = (1 << 63) - 1  # seq is an int64 on gRPC: the same bound on both protocols
@@ -174,6 +175,7 @@ def config_from_params(p: Mapping[str, str]) -> SessionConfig:
         eager_final_ms=_num("eager_final_ms", p.get("eager_final_ms", str(SessionConfig.eager_final_ms)), int),
         word_times=_bool("words", p.get("words", "false")),
         partial_context=p.get("partial_context", SessionConfig.partial_context),
+        partial_growth=_num("partial_growth", p.get("partial_growth", str(SessionConfig.partial_growth)), float),
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from osum.inference import recognize
 from streaming.audio import AudioFormat
 from streaming.events import Analysis, Error, Final, Partial, SpeechEnded, SpeechStarted
 from streaming.session import Session, SessionConfig, Snapshot, State
+from streaming.vad import VadOptions
 from streaming.work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
 
 SIL = np.zeros(16000, np.float32)
@@ -411,3 +412,45 @@ def test_a_session_asks_for_the_partials_its_config_names(tiny_model, male_clip,
             else:
                 s.apply(req, run_analyses(tiny_model, [req])[0])
     assert partials >= 2
+
+
+@pytest.mark.parametrize("growth", [0.0, 0.1, 0.25])
+def test_full_context_partials_space_out_as_the_utterance_grows(tiny_model, male_clip, growth) -> None:  # type: ignore[no-untyped-def]
+    """A full-context partial costs in proportion to the utterance so far; its step grows to
+    ``partial_growth`` of that length, so the partials' work over a long utterance stays
+    proportional to its length. 0 keeps the fixed step."""
+    cfg = SessionConfig(vad=VadOptions(min_silence_ms=1500), max_partial_tokens=4, tasks=(), partial_growth=growth,
+                        eager_final_ms=0)  # fmt: skip
+    s = Session("s", cfg, tiny_model)
+    gap = np.full(1600, 1e-4, np.float32)  # 100 ms, and the clip's own pauses: under the endpoint's silence
+    talk = np.concatenate([SIL] + [x for _ in range(4) for x in (male_clip, gap)] + [SIL])  # ~16 s of speech
+    pcm = (np.clip(talk, -1, 1) * 32767).astype("<i2").tobytes()
+    sizes = []
+    for i in range(0, len(pcm), 1600):  # 50 ms at a time
+        s.feed(pcm[i : i + 1600])
+        while (req := s.next_work()) is not None:
+            if isinstance(req, PartialRequest):
+                sizes.append(req.audio.size)
+                s.apply(req, run_partials(tiny_model, [req])[0])
+            elif isinstance(req, FinalRequest):
+                s.apply(req, run_finals(tiny_model, [req], max_new_tokens=FINAL_TOKENS)[0])
+            else:
+                s.apply(req, run_analyses(tiny_model, [req])[0])
+    assert len(s.finals) == 1 and s.finals[0]["end"] - s.finals[0]["start"] > 14  # one long utterance
+    steps = np.diff(sizes)
+    due = np.array([cfg.partial_due(n) for n in sizes[1:]])
+    assert (steps >= due).all() and (steps < due + 800 + 7680).all()  # due, give or take a feed and a skipped one
+    if growth == 0:
+        assert (due == 7680).all()
+    else:
+        assert due[-1] >= growth * 14 * 16000 and steps[-1] > 2 * 7680
+        # up to L0 = step / growth, one per step; then each at 1 / (1 - growth) times the last
+        l0 = 7680 / growth
+        assert len(sizes) <= l0 / 7680 + np.log(sizes[-1] / l0) / -np.log(1 - growth) + 1 < 0.7 * sizes[-1] / 7680
+
+
+def test_partial_growth_validated() -> None:
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InvalidConfigError):
+            SessionConfig(partial_growth=bad)
+    assert SessionConfig(partial_context="chunked", partial_growth=0.5).partial_due(16000 * 20) == 480 * 16  # chunked: fixed

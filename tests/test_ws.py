@@ -480,3 +480,24 @@ def test_partial_context_is_a_websocket_option() -> None:
     with pytest.raises(InvalidConfigError, match="partial_context"):
         config_from_params({"partial_context": "causal"})
     assert listen_request({"partial_context": "chunked"}).config.partial_context == "chunked"
+
+
+def test_partial_growth_and_context_on_both_wires() -> None:
+    """``partial_growth`` (0 to 1, default 0.1) and ``partial_context``: WebSocket parameters
+    and StreamingRecognitionConfig fields; bad values are the client's error."""
+    from streaming.grpc_server import session_config
+    from streaming.proto import speech_pb2 as pb
+
+    assert config_from_params({}).partial_growth == SessionConfig.partial_growth == 0.1
+    assert config_from_params({"partial_growth": "0"}).partial_growth == 0.0
+    for bad in ("-1", "2", "nan", "fast"):
+        with pytest.raises(InvalidConfigError, match="partial_growth"):
+            config_from_params({"partial_growth": bad})
+    rc = pb.RecognitionConfig(sample_rate_hertz=16000)
+    plain = session_config(pb.StreamingRecognitionConfig(config=rc))
+    assert (plain.partial_context, plain.partial_growth) == ("full", 0.1)
+    fixed = session_config(pb.StreamingRecognitionConfig(config=rc, partial_context="chunked", partial_growth=0))
+    assert (fixed.partial_context, fixed.partial_growth) == ("chunked", 0.0)
+    for bad in (dict(partial_context="causal"), dict(partial_growth=3.0)):
+        with pytest.raises(InvalidConfigError):
+            session_config(pb.StreamingRecognitionConfig(config=rc, **bad))

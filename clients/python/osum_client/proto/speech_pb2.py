@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bosum/speech/v1/speech.proto\x12\x0eosum.speech.v1\"\x8e\x03\n\x11RecognitionConfig\x12\x41\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32/.osum.speech.v1.RecognitionConfig.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x1b\n\x13\x61udio_channel_count\x18\x03 \x01(\x05\x12\x15\n\rlanguage_code\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x16\n\x0e\x61nalysis_tasks\x18\x06 \x03(\t\x12\x19\n\x11\x65nable_chat_reply\x18\x07 \x01(\x08\x12=\n\x12\x65ndpointing_config\x18\x08 \x01(\x0b\x32!.osum.speech.v1.EndpointingConfig\x12 \n\x18\x65nable_word_time_offsets\x18\t \x01(\x08\"D\n\rAudioEncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\"\x9e\x01\n\x11\x45ndpointingConfig\x12\x16\n\x0emin_silence_ms\x18\x01 \x01(\x05\x12\x15\n\rmin_speech_ms\x18\x02 \x01(\x05\x12\x17\n\x0fmax_utterance_s\x18\x03 \x01(\x02\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\x1b\n\x0e\x65\x61ger_final_ms\x18\x05 \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_eager_final_ms\"\xa9\x01\n\x1aStreamingRecognitionConfig\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.osum.speech.v1.RecognitionConfig\x12\x17\n\x0finterim_results\x18\x02 \x01(\x08\x12\x17\n\x0fpartial_step_ms\x18\x03 \x01(\x05\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\x12\x10\n\x08last_seq\x18\x05 \x01(\x03\"\x7f\n\x0e\x43ontrolMessage\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.osum.speech.v1.ControlMessage.Kind\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46INALIZE\x10\x01\x12\x0e\n\nKEEP_ALIVE\x10\x02\"\xc4\x01\n\x19StreamingRecognizeRequest\x12\x46\n\x10streaming_config\x18\x01 \x01(\x0b\x32*.osum.speech.v1.StreamingRecognitionConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x12\x31\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x1e.osum.speech.v1.ControlMessageH\x00\x42\x13\n\x11streaming_request\"R\n\x08WordInfo\x12\x12\n\nstart_time\x18\x01 \x01(\x02\x12\x10\n\x08\x65nd_time\x18\x02 \x01(\x02\x12\x0c\n\x04word\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"o\n\x1cSpeechRecognitionAlternative\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\'\n\x05words\x18\x03 \x03(\x0b\x32\x18.osum.speech.v1.WordInfo\"\x8a\x02\n\x1aStreamingRecognitionResult\x12\x42\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32,.osum.speech.v1.SpeechRecognitionAlternative\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12\x19\n\x11result_start_time\x18\x04 \x01(\x02\x12\x17\n\x0fresult_end_time\x18\x05 \x01(\x02\x12\x14\n\x0cutterance_id\x18\x06 \x01(\x03\x12\x1c\n\x14\x63ommitted_transcript\x18\x07 \x01(\t\x12\x1b\n\x13unstable_transcript\x18\x08 \x01(\t\"\x87\x01\n\x05Label\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x31\n\x06scores\x18\x03 \x03(\x0b\x32!.osum.speech.v1.Label.ScoresEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa5\x01\n\x08\x41nalysis\x12\x14\n\x0cutterance_id\x18\x01 \x01(\x03\x12\x30\n\x04tags\x18\x02 \x03(\x0b\x32\".osum.speech.v1.Analysis.TagsEntry\x12\r\n\x05reply\x18\x03 \x01(\t\x1a\x42\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.osum.speech.v1.Label:\x02\x38\x01\";\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\"\xc8\x04\n\x1aStreamingRecognizeResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.osum.speech.v1.StreamingRecognitionResult\x12U\n\x11speech_event_type\x18\x02 \x01(\x0e\x32:.osum.speech.v1.StreamingRecognizeResponse.SpeechEventType\x12\x19\n\x11speech_event_time\x18\x03 \x01(\x02\x12*\n\x08\x61nalysis\x18\x04 \x01(\x0b\x32\x18.osum.speech.v1.Analysis\x12*\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1b.osum.speech.v1.StreamError\x12\x0b\n\x03seq\x18\x06 \x01(\x03\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x14\n\x0cresume_token\x18\x08 \x01(\t\x12\x1d\n\x15processing_latency_ms\x18\t \x01(\x02\x12\x14\n\x0c\x61udio_offset\x18\n \x01(\x01\x12!\n\x19speech_event_utterance_id\x18\x0b \x01(\x03\x12/\n\x0breply_delta\x18\x0c \x01(\x0b\x32\x1a.osum.speech.v1.ReplyDelta\"c\n\x0fSpeechEventType\x12\x1c\n\x18SPEECH_EVENT_UNSPECIFIED\x10\x00\x12\x19\n\x15SPEECH_ACTIVITY_BEGIN\x10\x01\x12\x17\n\x13SPEECH_ACTIVITY_END\x10\x02\"1\n\nReplyDelta\x12\x14\n\x0cutterance_id\x18\x01 \x01(\x03\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\"T\n\x10RecognizeRequest\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.osum.speech.v1.RecognitionConfig\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c\"|\n\x11RecognizeResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.osum.speech.v1.StreamingRecognitionResult\x12*\n\x08\x61nalyses\x18\x02 \x03(\x0b\x32\x18.osum.speech.v1.Analysis2\xcb\x01\n\x06Speech\x12o\n\x12StreamingRecognize\x12).osum.speech.v1.StreamingRecognizeRequest\x1a*.osum.speech.v1.StreamingRecognizeResponse(\x01\x30\x01\x12P\n\tRecognize\x12 .osum.speech.v1.RecognizeRequest\x1a!.osum.speech.v1.RecognizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bosum/speech/v1/speech.proto\x12\x0eosum.speech.v1\"\x8e\x03\n\x11RecognitionConfig\x12\x41\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32/.osum.speech.v1.RecognitionConfig.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x1b\n\x13\x61udio_channel_count\x18\x03 \x01(\x05\x12\x15\n\rlanguage_code\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x16\n\x0e\x61nalysis_tasks\x18\x06 \x03(\t\x12\x19\n\x11\x65nable_chat_reply\x18\x07 \x01(\x08\x12=\n\x12\x65ndpointing_config\x18\x08 \x01(\x0b\x32!.osum.speech.v1.EndpointingConfig\x12 \n\x18\x65nable_word_time_offsets\x18\t \x01(\x08\"D\n\rAudioEncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\"\x9e\x01\n\x11\x45ndpointingConfig\x12\x16\n\x0emin_silence_ms\x18\x01 \x01(\x05\x12\x15\n\rmin_speech_ms\x18\x02 \x01(\x05\x12\x17\n\x0fmax_utterance_s\x18\x03 \x01(\x02\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\x1b\n\x0e\x65\x61ger_final_ms\x18\x05 \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_eager_final_ms\"\xf2\x01\n\x1aStreamingRecognitionConfig\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.osum.speech.v1.RecognitionConfig\x12\x17\n\x0finterim_results\x18\x02 \x01(\x08\x12\x17\n\x0fpartial_step_ms\x18\x03 \x01(\x05\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\x12\x10\n\x08last_seq\x18\x05 \x01(\x03\x12\x17\n\x0fpartial_context\x18\x06 \x01(\t\x12\x1b\n\x0epartial_growth\x18\x07 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_partial_growth\"\x7f\n\x0e\x43ontrolMessage\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.osum.speech.v1.ControlMessage.Kind\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46INALIZE\x10\x01\x12\x0e\n\nKEEP_ALIVE\x10\x02\"\xc4\x01\n\x19StreamingRecognizeRequest\x12\x46\n\x10streaming_config\x18\x01 \x01(\x0b\x32*.osum.speech.v1.StreamingRecognitionConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x12\x31\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x1e.osum.speech.v1.ControlMessageH\x00\x42\x13\n\x11streaming_request\"R\n\x08WordInfo\x12\x12\n\nstart_time\x18\x01 \x01(\x02\x12\x10\n\x08\x65nd_time\x18\x02 \x01(\x02\x12\x0c\n\x04word\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"o\n\x1cSpeechRecognitionAlternative\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\'\n\x05words\x18\x03 \x03(\x0b\x32\x18.osum.speech.v1.WordInfo\"\x8a\x02\n\x1aStreamingRecognitionResult\x12\x42\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32,.osum.speech.v1.SpeechRecognitionAlternative\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12\x19\n\x11result_start_time\x18\x04 \x01(\x02\x12\x17\n\x0fresult_end_time\x18\x05 \x01(\x02\x12\x14\n\x0cutterance_id\x18\x06 \x01(\x03\x12\x1c\n\x14\x63ommitted_transcript\x18\x07 \x01(\t\x12\x1b\n\x13unstable_transcript\x18\x08 \x01(\t\"\x87\x01\n\x05Label\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x31\n\x06scores\x18\x03 \x03(\x0b\x32!.osum.speech.v1.Label.ScoresEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa5\x01\n\x08\x41nalysis\x12\x14\n\x0cutterance_id\x18\x01 \x01(\x03\x12\x30\n\x04tags\x18\x02 \x03(\x0b\x32\".osum.speech.v1.Analysis.TagsEntry\x12\r\n\x05reply\x18\x03 \x01(\t\x1a\x42\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.osum.speech.v1.Label:\x02\x38\x01\";\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\"\xc8\x04\n\x1aStreamingRecognizeResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.osum.speech.v1.StreamingRecognitionResult\x12U\n\x11speech_event_type\x18\x02 \x01(\x0e\x32:.osum.speech.v1.StreamingRecognizeResponse.SpeechEventType\x12\x19\n\x11speech_event_time\x18\x03 \x01(\x02\x12*\n\x08\x61nalysis\x18\x04 \x01(\x0b\x32\x18.osum.speech.v1.Analysis\x12*\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1b.osum.speech.v1.StreamError\x12\x0b\n\x03seq\x18\x06 \x01(\x03\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x14\n\x0cresume_token\x18\x08 \x01(\t\x12\x1d\n\x15processing_latency_ms\x18\t \x01(\x02\x12\x14\n\x0c\x61udio_offset\x18\n \x01(\x01\x12!\n\x19speech_event_utterance_id\x18\x0b \x01(\x03\x12/\n\x0breply_delta\x18\x0c \x01(\x0b\x32\x1a.osum.speech.v1.ReplyDelta\"c\n\x0fSpeechEventType\x12\x1c\n\x18SPEECH_EVENT_UNSPECIFIED\x10\x00\x12\x19\n\x15SPEECH_ACTIVITY_BEGIN\x10\x01\x12\x17\n\x13SPEECH_ACTIVITY_END\x10\x02\"1\n\nReplyDelta\x12\x14\n\x0cutterance_id\x18\x01 \x01(\x03\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\"T\n\x10RecognizeRequest\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.osum.speech.v1.RecognitionConfig\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c\"|\n\x11RecognizeResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.osum.speech.v1.StreamingRecognitionResult\x12*\n\x08\x61nalyses\x18\x02 \x03(\x0b\x32\x18.osum.speech.v1.Analysis2\xcb\x01\n\x06Speech\x12o\n\x12StreamingRecognize\x12).osum.speech.v1.StreamingRecognizeRequest\x1a*.osum.speech.v1.StreamingRecognizeResponse(\x01\x30\x01\x12P\n\tRecognize\x12 .osum.speech.v1.RecognizeRequest\x1a!.osum.speech.v1.RecognizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,39 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDPOINTINGCONFIG']._serialized_start=449
   _globals['_ENDPOINTINGCONFIG']._serialized_end=607
   _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_start=610
-  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_end=779
-  _globals['_CONTROLMESSAGE']._serialized_start=781
-  _globals['_CONTROLMESSAGE']._serialized_end=908
-  _globals['_CONTROLMESSAGE_KIND']._serialized_start=850
-  _globals['_CONTROLMESSAGE_KIND']._serialized_end=908
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=911
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=1107
-  _globals['_WORDINFO']._serialized_start=1109
-  _globals['_WORDINFO']._serialized_end=1191
-  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_start=1193
-  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_end=1304
-  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_start=1307
-  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_end=1573
-  _globals['_LABEL']._serialized_start=1576
-  _globals['_LABEL']._serialized_end=1711
-  _globals['_LABEL_SCORESENTRY']._serialized_start=1666
-  _globals['_LABEL_SCORESENTRY']._serialized_end=1711
-  _globals['_ANALYSIS']._serialized_start=1714
-  _globals['_ANALYSIS']._serialized_end=1879
-  _globals['_ANALYSIS_TAGSENTRY']._serialized_start=1813
-  _globals['_ANALYSIS_TAGSENTRY']._serialized_end=1879
-  _globals['_STREAMERROR']._serialized_start=1881
-  _globals['_STREAMERROR']._serialized_end=1940
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=1943
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=2527
-  _globals['_STREAMINGRECOGNIZERESPONSE_SPEECHEVENTTYPE']._serialized_start=2428
-  _globals['_STREAMINGRECOGNIZERESPONSE_SPEECHEVENTTYPE']._serialized_end=2527
-  _globals['_REPLYDELTA']._serialized_start=2529
-  _globals['_REPLYDELTA']._serialized_end=2578
-  _globals['_RECOGNIZEREQUEST']._serialized_start=2580
-  _globals['_RECOGNIZEREQUEST']._serialized_end=2664
-  _globals['_RECOGNIZERESPONSE']._serialized_start=2666
-  _globals['_RECOGNIZERESPONSE']._serialized_end=2790
-  _globals['_SPEECH']._serialized_start=2793
-  _globals['_SPEECH']._serialized_end=2996
+  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_end=852
+  _globals['_CONTROLMESSAGE']._serialized_start=854
+  _globals['_CONTROLMESSAGE']._serialized_end=981
+  _globals['_CONTROLMESSAGE_KIND']._serialized_start=923
+  _globals['_CONTROLMESSAGE_KIND']._serialized_end=981
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=984
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=1180
+  _globals['_WORDINFO']._serialized_start=1182
+  _globals['_WORDINFO']._serialized_end=1264
+  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_start=1266
+  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_end=1377
+  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_start=1380
+  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_end=1646
+  _globals['_LABEL']._serialized_start=1649
+  _globals['_LABEL']._serialized_end=1784
+  _globals['_LABEL_SCORESENTRY']._serialized_start=1739
+  _globals['_LABEL_SCORESENTRY']._serialized_end=1784
+  _globals['_ANALYSIS']._serialized_start=1787
+  _globals['_ANALYSIS']._serialized_end=1952
+  _globals['_ANALYSIS_TAGSENTRY']._serialized_start=1886
+  _globals['_ANALYSIS_TAGSENTRY']._serialized_end=1952
+  _globals['_STREAMERROR']._serialized_start=1954
+  _globals['_STREAMERROR']._serialized_end=2013
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=2016
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=2600
+  _globals['_STREAMINGRECOGNIZERESPONSE_SPEECHEVENTTYPE']._serialized_start=2501
+  _globals['_STREAMINGRECOGNIZERESPONSE_SPEECHEVENTTYPE']._serialized_end=2600
+  _globals['_REPLYDELTA']._serialized_start=2602
+  _globals['_REPLYDELTA']._serialized_end=2651
+  _globals['_RECOGNIZEREQUEST']._serialized_start=2653
+  _globals['_RECOGNIZEREQUEST']._serialized_end=2737
+  _globals['_RECOGNIZERESPONSE']._serialized_start=2739
+  _globals['_RECOGNIZERESPONSE']._serialized_end=2863
+  _globals['_SPEECH']._serialized_start=2866
+  _globals['_SPEECH']._serialized_end=3069
 # @@protoc_insertion_point(module_scope)

@@ -52,18 +52,22 @@ class EndpointingConfig(_message.Message):
     def __init__(self, min_silence_ms: _Optional[int] = ..., min_speech_ms: _Optional[int] = ..., max_utterance_s: _Optional[float] = ..., threshold: _Optional[float] = ..., eager_final_ms: _Optional[int] = ...) -> None: ...
 
 class StreamingRecognitionConfig(_message.Message):
-    __slots__ = ("config", "interim_results", "partial_step_ms", "resume_token", "last_seq")
+    __slots__ = ("config", "interim_results", "partial_step_ms", "resume_token", "last_seq", "partial_context", "partial_growth")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_STEP_MS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_GROWTH_FIELD_NUMBER: _ClassVar[int]
     config: RecognitionConfig
     interim_results: bool
     partial_step_ms: int
     resume_token: str
     last_seq: int
-    def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., interim_results: _Optional[bool] = ..., partial_step_ms: _Optional[int] = ..., resume_token: _Optional[str] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    partial_context: str
+    partial_growth: float
+    def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., interim_results: _Optional[bool] = ..., partial_step_ms: _Optional[int] = ..., resume_token: _Optional[str] = ..., last_seq: _Optional[int] = ..., partial_context: _Optional[str] = ..., partial_growth: _Optional[float] = ...) -> None: ...
 
 class ControlMessage(_message.Message):
     __slots__ = ("kind",)
