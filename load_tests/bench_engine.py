@@ -11,12 +11,16 @@ For every utterance it records, in wall time:
 * final: from the end of speech (the true end of the clip, not the VAD's decision, so
   the configured trailing silence is included) to the Final;
 * analysis: from the Final to the Analysis (tags);
+* partial lag: from the arrival of the audio a Partial covers up to its end, to that Partial;
+* partial every: wall time between consecutive Partials of an utterance (how often the
+  text is updated; it grows on long utterances with full-context partials' ``partial_growth``);
 
 and prints P50/P95 per N, the worker's real-time factor (busy seconds per audio second)
 and memory per session for a 30 s utterance.
 
     python load_tests/bench_engine.py --model tiny --streams 1,2,4 --seconds 20
     python load_tests/bench_engine.py --model osum-mini-random    # osum-mini sizes, random adapter (timing only)
+    python load_tests/bench_engine.py --model osum-mini --quantize int8 --utterance-s 15   # long turns
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ def clips() -> list[np.ndarray]:
     return out
 
 
+def _trim(x: np.ndarray, margin: int = 800) -> np.ndarray:
+    """The clip less its leading and trailing silence (20 ms frames under -40 dBFS), 50 ms kept."""
+    frames = x[: x.size // 320 * 320].reshape(-1, 320)
+    loud = np.flatnonzero(np.sqrt((frames**2).mean(1)) > 0.01)
+    if not loud.size:
+        return x
+    return x[max(0, loud[0] * 320 - margin) : (loud[-1] + 1) * 320 + margin]
+
+
 def program(seconds: float, rng: random.Random, pool: list[np.ndarray], utterance_s: float = 0.0
             ) -> tuple[np.ndarray, list[tuple[int, int]]]:  # fmt: skip
     """Speech with pauses, and the true (start, end) samples of each utterance: one clip, or
@@ -56,8 +69,10 @@ def program(seconds: float, rng: random.Random, pool: list[np.ndarray], utteranc
     gap = np.zeros(1600, np.float32)
     while n < seconds * 16000:
         c = rng.choice(pool)
-        while c.size < utterance_s * 16000:
-            c = np.concatenate([c, gap, rng.choice(pool)])
+        if utterance_s:  # one turn: the clips' own leading and trailing silences would end it
+            c = _trim(c)
+            while c.size < utterance_s * 16000:
+                c = np.concatenate([c, gap, _trim(rng.choice(pool))])
         c = c[: int(min(max(utterance_s, 0.1), 24.0) * 16000)] if utterance_s else c  # within max_utterance_s
         segs.append((n, n + len(c)))
         pause = np.zeros(int(rng.uniform(1.0, 1.6) * 16000), np.float32)
@@ -70,7 +85,7 @@ async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]],
     s = await engine.open_session(cfg)
     sent_at: dict[int, float] = {}  # sample index at a chunk's end -> wall time it was sent
     lat: dict[str, list[float]] = {"first_partial": [], "endpoint": [], "final": [], "analysis": [],
-                                   "partial_lag": [], "utterance": []}  # fmt: skip
+                                   "partial_lag": [], "partial_gap": [], "utterance": []}  # fmt: skip
 
     def sent_time(sample: int) -> float:
         k = min((k for k in sent_at if k >= sample), default=max(sent_at))
@@ -79,11 +94,15 @@ async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]],
     async def reader() -> None:
         final_at: dict[int, float] = {}
         seen_partial: set[int] = set()
+        last_partial: dict[int, float] = {}  # utterance id -> wall time of its last Partial
         async for ev in s.events():
             now = time.perf_counter()
             if isinstance(ev, Partial):
                 # how far behind live the partial is: now - when its last audio was sent
                 lat["partial_lag"].append(now - sent_time(round(ev.end * 16000)))
+                if ev.utterance_id in last_partial:  # how often the text is updated
+                    lat["partial_gap"].append(now - last_partial[ev.utterance_id])
+                last_partial[ev.utterance_id] = now
             if isinstance(ev, Partial) and ev.utterance_id not in seen_partial:
                 seen_partial.add(ev.utterance_id)
                 seg = min(segs, key=lambda se: abs(se[0] / 16000 - ev.start))
@@ -193,15 +212,27 @@ def breakdown(model: object, cfg: SessionConfig, repeats: int = 3) -> None:
           f"{eager} ms + encoder + verifying pass) = {floor:.0f} ms")  # fmt: skip
 
 
-async def run_streams(model: object, progs: list, cfg: SessionConfig) -> tuple[list[dict[str, list[float]]], float, float]:  # type: ignore[type-arg]
-    """All programs at once on one engine: per-stream latencies, CPU seconds, audio seconds."""
+async def run_streams(model: object, progs: list, cfg: SessionConfig  # type: ignore[type-arg]
+                      ) -> tuple[list[dict[str, list[float]]], float, float, dict[str, list[float]]]:  # fmt: skip
+    """All programs at once on one engine: per-stream latencies, CPU seconds, audio seconds,
+    and the worker's seconds per request by kind (partial, final, analysis)."""
     engine = Engine(model, EngineOptions(max_sessions=max(64, len(progs))))
     await engine.start()
+    worker: dict[str, list[float]] = {}
+    for kind, runner in list(engine.scheduler._runners.items()):  # time each batch the worker runs
+
+        def timed(reqs: list, runner=runner, name=kind.__name__.removesuffix("Request").lower()) -> list:  # type: ignore[no-untyped-def,type-arg]
+            t = time.perf_counter()
+            out = runner(reqs)
+            worker.setdefault(name, []).extend([(time.perf_counter() - t) / len(reqs)] * len(reqs))
+            return out
+
+        engine.scheduler._runners[kind] = timed
     t0 = time.process_time()
     res = await asyncio.gather(*(stream(engine, a, s, cfg) for a, s in progs))
     cpu = time.process_time() - t0
     await engine.stop()
-    return res, cpu, sum(len(a) for a, _ in progs) / 16000
+    return res, cpu, sum(len(a) for a, _ in progs) / 16000, worker
 
 
 def main() -> None:
@@ -234,20 +265,27 @@ def main() -> None:
     print(f"model {name}; {args.threads} threads; {cfg.partial_context}-context partials every {cfg.partial_step_ms} ms{growth}; endpoint silence "
           f"{cfg.vad.min_silence_ms} ms; eager final after {cfg.eager_after_ms} ms; {args.seconds:.0f} s of audio per stream"
           + ("; word times" if cfg.word_times else ""))  # fmt: skip
-    print(f"{'streams':>7} {'utts':>5} {'mean s':>6} | {'first partial P50/P95 ms':>25} | {'partial lag P50/P95 ms':>22} | {'endpoint P50/P95 ms':>20} "
+    print(f"{'streams':>7} {'utts':>5} {'mean s':>6} | {'first partial P50/P95 ms':>25} | {'partial lag P50/P95 ms':>22} | {'partial every P50/P95':>21} | {'endpoint P50/P95 ms':>20} "
           f"| {'final P50/P95 ms':>17} | {'analysis P50/P95 ms':>20} | {'CPU/audio':>9}")  # fmt: skip
+    busy: list[tuple[int, int, dict[str, list[float]]]] = []
     for n in (int(x) for x in args.streams.split(",")):
         rng = random.Random(n)
         progs = [program(args.seconds, rng, pool, args.utterance_s) for _ in range(n)]
 
-        res, cpu, audio_s = asyncio.run(run_streams(model, progs, cfg))
+        res, cpu, audio_s, worker = asyncio.run(run_streams(model, progs, cfg))
         merged = {k: [x for r in res for x in r[k]] for k in res[0]}
         mean_s = float(np.mean(merged["utterance"])) if merged["utterance"] else 0.0
         print(f"{n:7d} {len(merged['final']):5d} {mean_s:6.1f} | {pct(merged['first_partial'], 50)} / {pct(merged['first_partial'], 95):>6}          "
               f"| {pct(merged['partial_lag'], 50)} / {pct(merged['partial_lag'], 95):>6}       "
+              f"| {pct(merged['partial_gap'], 50)} / {pct(merged['partial_gap'], 95):>6}      "
               f"| {pct(merged['endpoint'], 50)} / {pct(merged['endpoint'], 95):>6}     "
               f"| {pct(merged['final'], 50)} / {pct(merged['final'], 95):>6} | {pct(merged['analysis'], 50)} / {pct(merged['analysis'], 95):>6}     "
               f"| {cpu / audio_s / args.threads:5.2f}")  # fmt: skip
+        busy.append((n, len(merged["final"]), worker))
+    print("the worker's time per request (P50/P95 ms), and requests run; finals past the Finals sent were eager passes for an end that did not come:")
+    for n, finals, worker in busy:
+        kinds = " | ".join(f"{k} {pct(v, 50).strip()}/{pct(v, 95).strip()} x{len(v)}" for k, v in sorted(worker.items()))
+        print(f"  {n} streams ({finals} Finals): {kinds}")
     if args.breakdown:
         breakdown(model, cfg)
     print(f"memory per session, 30 s utterance (caches + audio + log-mel): {memory_per_session(model) / 1e6:.1f} MB")

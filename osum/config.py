@@ -84,6 +84,9 @@ class OsumConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
     # tasks this model was trained and measured on; others are reported "unsupported"
     supported_tasks: tuple[str, ...] | None = None
+    # the longest utterance (s) these weights were measured to transcribe well (None: Whisper's
+    # window); the streaming engine splits longer ones (from the weights' card, docs/osum-mini.md)
+    max_utterance_s: float | None = None
     # the LLM's dtype on CPU (on CUDA it is always bf16). bf16 halves memory, but CPUs without
     # AVX512-BF16 or AMX run bf16 matmuls ~100x slower than fp32 (measured on an AVX2 EPYC)
     cpu_llm_dtype: str = "float32"
@@ -94,6 +97,8 @@ class OsumConfig:
                 raise InvalidConfigError(f"llm config lacks {key!r}")
         if self.speech_token_num < 0:
             raise InvalidConfigError("speech_token_num must be >= 0")
+        if self.max_utterance_s is not None and not 1.0 <= self.max_utterance_s <= 29.0:
+            raise InvalidConfigError(f"max_utterance_s must be in [1, 29], got {self.max_utterance_s}")
 
     @property
     def llm_dim(self) -> int:

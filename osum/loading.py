@@ -241,7 +241,8 @@ def _base_with_overlay(base: Path, overlay: Path, device: str | torch.device, qu
     tasks = card.get("supported_tasks") if card is not None else ["asr"]
     # weights without a card (a training run's interim best.safetensors) claim only transcription:
     # no tag is served that nobody measured
-    cfg = replace(cfg, supported_tasks=tuple(tasks) if tasks is not None else None)
+    cfg = replace(cfg, supported_tasks=tuple(tasks) if tasks is not None else None,
+                  max_utterance_s=card.get("max_utterance_s") if card is not None else None)
     sd = _read_safetensors(base / "base.safetensors")
     extra = _read_safetensors(overlay)
     lora = {k: v for k, v in extra.items() if ".lora_" in k}

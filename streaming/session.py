@@ -234,6 +234,11 @@ class Session(SessionBase):
                  owner: str = "anonymous") -> None:  # fmt: skip
         self.owner = snapshot.owner if snapshot else owner
         self.id = session_id
+        limit = getattr(getattr(model, "cfg", None), "max_utterance_s", None)
+        if limit is not None and config.vad.max_utterance_s > limit:
+            # longer utterances than the model was measured to transcribe are split (at a quiet
+            # point, as any split): osum-mini's WER past its limit is 2-3 times its WER below it
+            config = dataclasses.replace(config, vad=dataclasses.replace(config.vad, max_utterance_s=limit))
         self.config = config
         self.model = model
         self.intake = AudioIntake(config.audio)

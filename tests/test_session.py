@@ -454,3 +454,21 @@ def test_partial_growth_validated() -> None:
         with pytest.raises(InvalidConfigError):
             SessionConfig(partial_growth=bad)
     assert SessionConfig(partial_context="chunked", partial_growth=0.5).partial_due(16000 * 20) == 480 * 16  # chunked: fixed
+
+
+def test_utterances_are_split_at_the_models_measured_limit(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """A model whose card gives ``max_utterance_s`` (osum-mini: the longest it transcribes
+    well) caps the session's split length below the client's; a lower client value stays."""
+    import copy
+    from dataclasses import replace
+
+    model = copy.copy(tiny_model)
+    model.cfg = replace(tiny_model.cfg, max_utterance_s=3.0)
+    assert Session("s", SessionConfig(), model).config.vad.max_utterance_s == 3.0
+    assert Session("s", SessionConfig(vad=VadOptions(max_utterance_s=2.0)), model).config.vad.max_utterance_s == 2.0
+    assert Session("s", SessionConfig(), tiny_model).config.vad.max_utterance_s == 25.0  # no limit: the client's
+    s = Session("s", SessionConfig(interim_results=False, tasks=()), model)
+    events = _stream(s, model, np.concatenate([SIL, male_clip, male_clip, SIL]))
+    lengths = [e.end - e.start for e in events if isinstance(e, Final)]
+    assert len(lengths) >= 3 and max(lengths) <= 3.0 + 0.04  # within a VAD frame of the cap
+    assert s.snapshot().config["vad"]["max_utterance_s"] == 3.0  # a resumed session keeps it

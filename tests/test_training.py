@@ -236,7 +236,7 @@ def test_export_ships_fp16_weights_with_a_card_that_claims_only_transcription(ti
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.startswith(("encoder.", "llm."))}, str(base / "base.safetensors"))
     PRESETS["tiny"].save(base / "config.json")
     loaded = load_base_with_overlay(base, out)
-    assert loaded.cfg.supported_tasks == ("asr",) and loaded.card == card
+    assert loaded.cfg.supported_tasks == ("asr",) and loaded.card == card and loaded.cfg.max_utterance_s is None
     assert "step 3" in describe_card(loaded.card) and "not measured" in describe_card(loaded.card)
     assert loaded.speech_llama_proj.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.speech_llama_proj.weight, t.model.speech_llama_proj.weight.detach(), atol=1e-3, rtol=1e-3)

@@ -81,6 +81,9 @@ def export_overlay(run: Path, out: Path, weights: str = "best") -> dict:
     card = {
         "name": "osum-mini",
         "supported_tasks": ["asr"],
+        # the longest utterance the engine gives these weights at once (None: Whisper's window);
+        # set from load_tests/long_turns.py's WER by turn length (docs/osum-mini.md)
+        "max_utterance_s": None,
         "source": {
             "run": run.name,
             "weights": weights,
