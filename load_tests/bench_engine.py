@@ -11,6 +11,7 @@ For every utterance it records, in wall time:
 * final: from the end of speech (the true end of the clip, not the VAD's decision, so
   the configured trailing silence is included) to the Final;
 * analysis: from the Final to the Analysis (tags);
+* (an utterance split at ``max_utterance_s``: its first partial and Final count from the split);
 * partial lag: from the arrival of the audio a Partial covers up to its end, to that Partial;
 * partial every: wall time between consecutive Partials of an utterance (how often the
   text is updated; it grows on long utterances with full-context partials' ``partial_growth``);
@@ -91,6 +92,12 @@ async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]],
         k = min((k for k in sent_at if k >= sample), default=max(sent_at))
         return sent_at[k]
 
+    def true_edge(t: float, side: int) -> int:
+        """The true start (side 0) or end (1) of the speech nearest to ``t`` s, if within 1 s;
+        else ``t`` itself: an utterance split at max_utterance_s starts or ends there."""
+        edge = min((se[side] for se in segs), key=lambda e: abs(e / 16000 - t))
+        return edge if abs(edge / 16000 - t) < 1.0 else round(t * 16000)
+
     async def reader() -> None:
         final_at: dict[int, float] = {}
         seen_partial: set[int] = set()
@@ -105,14 +112,11 @@ async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]],
                 last_partial[ev.utterance_id] = now
             if isinstance(ev, Partial) and ev.utterance_id not in seen_partial:
                 seen_partial.add(ev.utterance_id)
-                seg = min(segs, key=lambda se: abs(se[0] / 16000 - ev.start))
-                lat["first_partial"].append(now - sent_time(seg[0]))
+                lat["first_partial"].append(now - sent_time(true_edge(ev.start, 0)))
             elif isinstance(ev, SpeechEnded) and ev.reason == "silence":
-                seg = min(segs, key=lambda se: abs(se[1] / 16000 - ev.end))
-                lat["endpoint"].append(now - sent_time(seg[1]))
+                lat["endpoint"].append(now - sent_time(true_edge(ev.end, 1)))
             elif isinstance(ev, Final):
-                seg = min(segs, key=lambda se: abs(se[1] / 16000 - ev.end))
-                lat["final"].append(now - sent_time(seg[1]))
+                lat["final"].append(now - sent_time(true_edge(ev.end, 1)))
                 lat["utterance"].append(ev.end - ev.start)
                 final_at[ev.utterance_id] = now
             elif isinstance(ev, Analysis) and ev.utterance_id in final_at:

@@ -15,7 +15,9 @@ decoding and VAD run in a small thread pool, never on the event loop.
 
 Capacity: at most ``max_sessions`` sessions; when the worker lags real time by more than
 ``max_backlog_s`` new sessions are refused with :class:`OverCapacityError` and partials
-are skipped until it catches up (finals are never skipped). A client that does not read
+are skipped until it catches up (finals are never skipped); before that, while the worker
+is busier than ``partial_load`` (its busy fraction over the last 5 s), the step between
+partials is stretched by the ratio, so partials cannot keep it full and Finals wait less. A client that does not read
 its events for ``slow_consumer_s`` loses its session (fatal ``slow_consumer`` error);
 others are unaffected.
 
@@ -28,6 +30,7 @@ to take a session over, and only the key that opened a session may resume it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -98,6 +101,11 @@ class EngineOptions:
     slow_consumer_s: float = 10.0
     feed_threads: int = 2
     feed_inline: bool = False  # decode on the event loop: only for sessions whose feed is trivial (null engine)
+    # partials are spaced out while the worker is busier than this (its busy fraction over
+    # the last seconds, 0 to 1): at twice it, every other partial. Partials are refinements;
+    # a worker kept full by them makes every Final wait for one (measured: two osum-mini
+    # streams on 2 cores kept it ~97 % busy, 78 % of it partials, docs/streaming.md). 1: never
+    partial_load: float = 0.6
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
 
     def __post_init__(self) -> None:
@@ -107,6 +115,8 @@ class EngineOptions:
         for name in ("max_session_s", "max_backlog_s", "max_queued_s", "slow_consumer_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"EngineOptions.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.partial_load <= 1:
+            raise ValueError(f"EngineOptions.partial_load must be in (0, 1], got {self.partial_load}")
         if self.max_sessions_per_key < 0:
             raise ValueError(f"EngineOptions.max_sessions_per_key must be >= 0, got {self.max_sessions_per_key}")
 
@@ -171,6 +181,12 @@ class Engine:
     @property
     def overloaded(self) -> bool:
         return self.scheduler.backlog_seconds > self.opt.max_backlog_s
+
+    @property
+    def partial_spacing(self) -> float:
+        """How much to stretch the step between partials: the worker's recent busy fraction
+        over ``partial_load``, at least 1."""
+        return max(1.0, self.scheduler.utilization / self.opt.partial_load)
 
     async def open_session(self, config: SessionConfig, resume: str | None = None, last_seq: int = -1,
                            owner: str = "anonymous") -> LiveSession:  # fmt: skip
@@ -320,7 +336,7 @@ class LiveSession:
             while True:  # until closed and everything published (a session may close with events pending)
                 self._kick.clear()  # before asking: a send after this point wakes the wait below
                 async with self._lock:
-                    req = s.next_work(allow_partial=not eng.overloaded)
+                    req = s.next_work(allow_partial=not eng.overloaded, partial_spacing=eng.partial_spacing)
                 if req is None:
                     await self._publish()
                     if s.state is State.CLOSED:
@@ -343,6 +359,12 @@ class LiveSession:
             log.warning("session %s: client not reading events; closing", self.id, extra={"session_id": self.id})
         except asyncio.CancelledError:
             pass
+        except Exception:  # a bug of ours: this session ends with an error it can see; the others go on
+            log.exception("session %s: driver failed", self.id, extra={"session_id": self.id})
+            with contextlib.suppress(Exception):
+                async with self._lock:
+                    s.fatal("internal", "internal error; the session has ended")
+                await self._publish()
         finally:
             self._caught_up.set()
             await self._finish()

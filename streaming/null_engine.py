@@ -118,7 +118,7 @@ class NullSession(SessionBase):
     def pending_from(self) -> int:
         return self._base + self._utt[1] if self._utt is not None else self.position
 
-    def next_work(self, allow_partial: bool = True) -> None:
+    def next_work(self, allow_partial: bool = True, partial_spacing: float = 1.0) -> None:
         return None
 
     def apply(self, req: Any, result: Any) -> None:  # never called: no work is asked for
@@ -136,6 +136,7 @@ class _NoWorker:
     """What the engine asks of its scheduler, with nothing to schedule."""
 
     backlog_seconds = 0.0
+    utilization = 0.0
     queued = 0
     batches = requests = 0
 

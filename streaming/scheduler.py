@@ -50,6 +50,7 @@ class SchedulerOptions:
 
 
 _ORDER = (FinalRequest, AnalysisRequest, PartialRequest)
+UTILIZATION_WINDOW_S = 5.0  # what "recently busy" means for the partials' spacing
 
 
 class Scheduler:
@@ -64,6 +65,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.requests = 0
+        self._busy: deque[tuple[float, float]] = deque()  # (start, end) of the batches of the last window
+        self._running_since: float | None = None
         device = getattr(model, "device", None)
         self._device_type = getattr(device, "type", "cpu")
         self._runners: dict[type, Callable[[list[Any]], list[Any]]] = {
@@ -101,6 +104,17 @@ class Scheduler:
         with self._cv:
             oldest = min((item[1]._osum_t for q in self._queues.values() for item in q), default=None)  # type: ignore[attr-defined]
         return 0.0 if oldest is None else time.monotonic() - oldest
+
+    @property
+    def utilization(self) -> float:
+        """The worker's busy fraction over the last ``UTILIZATION_WINDOW_S`` seconds (0 to 1),
+        counting a batch still running up to now."""
+        now = time.monotonic()
+        since = now - UTILIZATION_WINDOW_S
+        with self._cv:
+            spans = list(self._busy) + ([(self._running_since, now)] if self._running_since is not None else [])
+        busy = sum(max(0.0, end - max(start, since)) for start, end in spans)
+        return min(1.0, busy / UTILIZATION_WINDOW_S)
 
     async def run(self, req: Any) -> Any:
         """Run one request on the model (batched with others); returns its result."""
@@ -157,9 +171,13 @@ class Scheduler:
         """Run one batch and hand back its results. If it raises, its requests run again one at
         a time, so that only work which fails alone fails: one session's bad request never
         costs the others theirs."""
+        start = time.monotonic()
+        with self._cv:
+            self._running_since = start
         try:
             results = self._runners[kind]([req for req, _, _ in batch])
         except Exception as e:  # one bad batch must not kill the worker
+            self._ran(start)
             log.exception("model work failed (%s x%d)", kind.__name__, len(batch))
             if len(batch) == 1:
                 _req, fut, loop = batch[0]
@@ -168,10 +186,19 @@ class Scheduler:
                 for item in batch:
                     self._run(kind, [item])
             return
+        self._ran(start)
         self.batches += 1
         self.requests += len(batch)
         for (_req, fut, loop), res in zip(batch, results):
             _hand_back(loop, _set_result, fut, res)
+
+    def _ran(self, start: float) -> None:
+        end = time.monotonic()
+        with self._cv:
+            self._running_since = None
+            self._busy.append((start, end))
+            while self._busy and self._busy[0][1] < end - UTILIZATION_WINDOW_S:
+                self._busy.popleft()
 
 
 def _hand_back(loop: asyncio.AbstractEventLoop, setter: Any, fut: asyncio.Future[Any], value: Any) -> None:

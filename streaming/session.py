@@ -217,6 +217,10 @@ class SessionBase:
         """A non-fatal Error event from outside the model path (e.g. the store is down)."""
         self._error(code, message)
 
+    def fatal(self, code: str, message: str) -> None:
+        """A fatal Error event: the session ends here (its driver failed)."""
+        self._error(code, message, fatal=True)
+
     def _error(self, code: str, message: str, fatal: bool = False) -> None:
         log.info("session %s: %s: %s", self.id, code, message, extra={"session_id": self.id})
         self._emit(Error, code=code, message=message, fatal=fatal)
@@ -344,11 +348,13 @@ class Session(SessionBase):
 
     # ---- work -------------------------------------------------------------------------
 
-    def next_work(self, allow_partial: bool = True) -> FinalRequest | AnalysisRequest | PartialRequest | None:
+    def next_work(self, allow_partial: bool = True, partial_spacing: float = 1.0
+                  ) -> FinalRequest | AnalysisRequest | PartialRequest | None:  # fmt: skip
         """The next request for the model, or None. At most one is in flight per session.
 
         ``allow_partial=False`` (the worker lags real time) skips partials; their audio is
-        encoded with the next one that runs.
+        encoded with the next one that runs. ``partial_spacing`` (>= 1: the worker is busy)
+        stretches the step between partials by that factor.
         """
         if self._in_flight or not self._utts:
             return None
@@ -364,7 +370,7 @@ class Session(SessionBase):
             u.eager_end, u.eager = end, None
             req = FinalRequest(self._slice(u.start, end), draft=list(u.last_hyp), words=self.config.word_times)
         elif (u.stage == "partial" and allow_partial and self.config.interim_results
-              and u.since_partial >= self.config.partial_due(u.n) and not self._awaiting_endpoint(u)):  # fmt: skip
+              and u.since_partial >= self.config.partial_due(u.n) * max(1.0, partial_spacing) and not self._awaiting_endpoint(u)):  # fmt: skip
             req = self._partial_request(u)
         if req is not None:
             self._in_flight = True

@@ -530,3 +530,36 @@ def test_a_request_that_fails_costs_only_its_own_session(tiny_model, male_clip, 
         assert [e for e in events if isinstance(e, Final)] and not [e for e in events if isinstance(e, Error)]
     assert [e.code for e in bad if isinstance(e, Error)] == ["model_error"]
     assert not [e for e in bad if isinstance(e, Final)]
+
+
+def test_a_session_whose_driver_fails_ends_with_an_internal_error_and_the_others_go_on(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """A bug in one session's work loop is that session's fatal ``internal`` error (no silent
+    end, no hang); a concurrent session gets all its results."""
+
+    async def main() -> tuple[list, list]:
+        engine = Engine(tiny_model, OPTS)
+        await engine.start()
+        bad, good = await engine.open_session(CFG), await engine.open_session(CFG)
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a bug")
+
+        bad.session.next_work = broken  # type: ignore[method-assign]
+        data = _pcm(np.concatenate([SIL, male_clip, SIL]))
+
+        async def talk(s) -> list:  # type: ignore[no-untyped-def]
+            for i in range(0, len(data), 3200):
+                with contextlib.suppress(Exception):  # the broken session may refuse audio once it has ended
+                    await s.send(data[i : i + 3200])
+            with contextlib.suppress(Exception):
+                await s.end()
+            return await asyncio.wait_for(_collect(s), 60)
+
+        out = await asyncio.gather(talk(bad), talk(good))
+        await engine.stop()
+        return out[0], out[1]
+
+    bad, good = asyncio.run(main())
+    assert [(e.code, e.fatal) for e in bad if isinstance(e, Error)] == [("internal", True)]
+    assert not any(isinstance(e, Final) for e in bad)
+    assert [e for e in good if isinstance(e, Final)] and not any(isinstance(e, Error) for e in good)

@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 import torch
 
 from streaming.scheduler import Scheduler, SchedulerOptions
@@ -54,3 +55,53 @@ def test_on_cpu_full_context_partials_run_one_per_batch_so_finals_wait_for_one(t
         sched.close()
     assert ran == [("partial", ["full"]), ("final", [1]), ("partial", ["full"]), ("partial", ["full"]),
                    ("partial", ["chunked", "chunked"]), ("partial", ["full"])]  # fmt: skip
+
+
+def test_utilization_is_the_workers_recent_busy_fraction(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """The engine spaces partials out by it: 0 when idle, about the share of the window spent
+    running batches, and a batch still running counts up to now."""
+    import time
+
+    from streaming import scheduler as sched_mod
+    from streaming.engine import Engine, EngineOptions
+
+    sched = Scheduler(tiny_model, SchedulerOptions(max_batch=1, max_wait_ms=1))
+    gate = threading.Event()
+
+    def busy(reqs: list) -> list:  # type: ignore[type-arg]
+        if reqs[0].final_chunk:
+            gate.wait(30)
+        else:
+            time.sleep(0.25)
+        return [None] * len(reqs)
+
+    sched._runners[PartialRequest] = busy
+    assert sched.utilization == 0.0
+
+    async def main() -> tuple[float, float]:
+        sched.start()
+        await asyncio.gather(*(sched.run(_partial(False)) for _ in range(4)))  # 1 s of work
+        done = sched.utilization
+        stuck = asyncio.ensure_future(sched.run(PartialRequest(torch.zeros(80, 0), None, torch.zeros(0, 8), [], [],
+                                                               final_chunk=True)))  # fmt: skip
+        await asyncio.sleep(0.5)
+        running = sched.utilization
+        gate.set()
+        await stuck
+        return done, running
+
+    try:
+        done, running = asyncio.run(main())
+    finally:
+        sched.close()
+    window = sched_mod.UTILIZATION_WINDOW_S
+    assert 0.9 / window <= done <= 1.3 / window
+    assert done + 0.4 / window <= running <= done + 0.7 / window
+
+    engine = Engine(tiny_model, EngineOptions(partial_load=0.5))
+    engine.scheduler._busy.append((time.monotonic() - 4.0, time.monotonic()))  # 4 s of the last 5 busy
+    assert abs(engine.partial_spacing - (4.0 / window) / 0.5) < 0.05
+    engine.scheduler._busy.clear()
+    assert engine.partial_spacing == 1.0
+    with pytest.raises(ValueError, match="partial_load"):
+        EngineOptions(partial_load=0)

@@ -472,3 +472,27 @@ def test_utterances_are_split_at_the_models_measured_limit(tiny_model, male_clip
     lengths = [e.end - e.start for e in events if isinstance(e, Final)]
     assert len(lengths) >= 3 and max(lengths) <= 3.0 + 0.04  # within a VAD frame of the cap
     assert s.snapshot().config["vad"]["max_utterance_s"] == 3.0  # a resumed session keeps it
+
+
+def test_a_busy_worker_spaces_partials_out(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """``next_work(partial_spacing=k)`` (the engine's: the worker's load over its target)
+    stretches the step between partials k times; below 1 it has no effect."""
+
+    def steps(spacing: float) -> list[int]:
+        s = Session("s", SessionConfig(max_partial_tokens=2, tasks=(), eager_final_ms=0), tiny_model)
+        pcm = (np.clip(np.concatenate([SIL, male_clip, SIL]), -1, 1) * 32767).astype("<i2").tobytes()
+        sizes = []
+        for i in range(0, len(pcm), 1600):
+            s.feed(pcm[i : i + 1600])
+            while (req := s.next_work(partial_spacing=spacing)) is not None:
+                if isinstance(req, PartialRequest):
+                    sizes.append(req.audio.size)
+                    s.apply(req, run_partials(tiny_model, [req])[0])
+                elif isinstance(req, FinalRequest):
+                    s.apply(req, run_finals(tiny_model, [req], max_new_tokens=2)[0])
+                else:
+                    s.apply(req, run_analyses(tiny_model, [req])[0])
+        return list(np.diff(sizes))
+
+    assert steps(1.0) == steps(0.5) and set(steps(1.0)) == {8000}  # 480 ms, in 50 ms feeds
+    assert steps(2.0) and set(steps(2.0)) == {16000}  # 960 ms, in 50 ms feeds
