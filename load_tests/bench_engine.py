@@ -11,7 +11,9 @@ For every utterance it records, in wall time:
 * final: from the end of speech (the true end of the clip, not the VAD's decision, so
   the configured trailing silence is included) to the Final;
 * analysis: from the Final to the Analysis (tags);
-* (an utterance split at ``max_utterance_s``: its first partial and Final count from the split);
+* an utterance split at ``max_utterance_s``: its first partial counts from the split, and
+  its Final goes in a line of its own (from the split, which the VAD chooses up to
+  ``split_search_ms`` back when the length is reached);
 * partial lag: from the arrival of the audio a Partial covers up to its end, to that Partial;
 * partial every: wall time between consecutive Partials of an utterance (how often the
   text is updated; it grows on long utterances with full-context partials' ``partial_growth``);
@@ -85,7 +87,7 @@ def program(seconds: float, rng: random.Random, pool: list[np.ndarray], utteranc
 async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]], cfg: SessionConfig) -> dict[str, list[float]]:
     s = await engine.open_session(cfg)
     sent_at: dict[int, float] = {}  # sample index at a chunk's end -> wall time it was sent
-    lat: dict[str, list[float]] = {"first_partial": [], "endpoint": [], "final": [], "analysis": [],
+    lat: dict[str, list[float]] = {"first_partial": [], "endpoint": [], "final": [], "final_split": [], "analysis": [],
                                    "partial_lag": [], "partial_gap": [], "utterance": []}  # fmt: skip
 
     def sent_time(sample: int) -> float:
@@ -116,7 +118,9 @@ async def stream(engine: Engine, audio: np.ndarray, segs: list[tuple[int, int]],
             elif isinstance(ev, SpeechEnded) and ev.reason == "silence":
                 lat["endpoint"].append(now - sent_time(true_edge(ev.end, 1)))
             elif isinstance(ev, Final):
-                lat["final"].append(now - sent_time(true_edge(ev.end, 1)))
+                edge = true_edge(ev.end, 1)
+                split = edge == round(ev.end * 16000)  # ended by max_utterance_s, not by the speaker
+                lat["final_split" if split else "final"].append(now - sent_time(edge))
                 lat["utterance"].append(ev.end - ev.start)
                 final_at[ev.utterance_id] = now
             elif isinstance(ev, Analysis) and ev.utterance_id in final_at:
@@ -216,11 +220,11 @@ def breakdown(model: object, cfg: SessionConfig, repeats: int = 3) -> None:
           f"{eager} ms + encoder + verifying pass) = {floor:.0f} ms")  # fmt: skip
 
 
-async def run_streams(model: object, progs: list, cfg: SessionConfig  # type: ignore[type-arg]
+async def run_streams(model: object, progs: list, cfg: SessionConfig, partial_load: float = 1.0  # type: ignore[type-arg]
                       ) -> tuple[list[dict[str, list[float]]], float, float, dict[str, list[float]]]:  # fmt: skip
     """All programs at once on one engine: per-stream latencies, CPU seconds, audio seconds,
     and the worker's seconds per request by kind (partial, final, analysis)."""
-    engine = Engine(model, EngineOptions(max_sessions=max(64, len(progs))))
+    engine = Engine(model, EngineOptions(max_sessions=max(64, len(progs)), partial_load=partial_load))
     await engine.start()
     worker: dict[str, list[float]] = {}
     for kind, runner in list(engine.scheduler._runners.items()):  # time each batch the worker runs
@@ -254,6 +258,8 @@ def main() -> None:
                     help="full-context partials: the step grows to this fraction of the utterance (0: fixed)")
     ap.add_argument("--utterance-s", type=float, default=0.0,
                     help="long turns: clips joined by 100 ms gaps into utterances this long (at most 24 s)")
+    ap.add_argument("--partial-load", type=float, default=EngineOptions.partial_load,
+                    help="space partials out while the worker is busier than this (1: never)")
     ap.add_argument("--quantize", choices=("none", "int8"), default="none")
     ap.add_argument("--breakdown", action="store_true", help="also time the final pass's parts on an idle worker")
     ap.add_argument("--words", action="store_true", help="sessions ask for word times (the model's aligner)")
@@ -268,24 +274,31 @@ def main() -> None:
     growth = f", growing to {cfg.partial_growth:g} of the utterance" if cfg.partial_context == "full" and cfg.partial_growth else ""
     print(f"model {name}; {args.threads} threads; {cfg.partial_context}-context partials every {cfg.partial_step_ms} ms{growth}; endpoint silence "
           f"{cfg.vad.min_silence_ms} ms; eager final after {cfg.eager_after_ms} ms; {args.seconds:.0f} s of audio per stream"
-          + ("; word times" if cfg.word_times else ""))  # fmt: skip
+          + ("; word times" if cfg.word_times else "")
+          + (f"; partials spaced out above {args.partial_load:g} load" if args.partial_load < 1 else ""))  # fmt: skip
     print(f"{'streams':>7} {'utts':>5} {'mean s':>6} | {'first partial P50/P95 ms':>25} | {'partial lag P50/P95 ms':>22} | {'partial every P50/P95':>21} | {'endpoint P50/P95 ms':>20} "
           f"| {'final P50/P95 ms':>17} | {'analysis P50/P95 ms':>20} | {'CPU/audio':>9}")  # fmt: skip
     busy: list[tuple[int, int, dict[str, list[float]]]] = []
+    splits: list[tuple[int, list[float]]] = []
     for n in (int(x) for x in args.streams.split(",")):
         rng = random.Random(n)
         progs = [program(args.seconds, rng, pool, args.utterance_s) for _ in range(n)]
 
-        res, cpu, audio_s, worker = asyncio.run(run_streams(model, progs, cfg))
+        res, cpu, audio_s, worker = asyncio.run(run_streams(model, progs, cfg, args.partial_load))
         merged = {k: [x for r in res for x in r[k]] for k in res[0]}
         mean_s = float(np.mean(merged["utterance"])) if merged["utterance"] else 0.0
-        print(f"{n:7d} {len(merged['final']):5d} {mean_s:6.1f} | {pct(merged['first_partial'], 50)} / {pct(merged['first_partial'], 95):>6}          "
+        print(f"{n:7d} {len(merged['final']) + len(merged['final_split']):5d} {mean_s:6.1f} | {pct(merged['first_partial'], 50)} / {pct(merged['first_partial'], 95):>6}          "
               f"| {pct(merged['partial_lag'], 50)} / {pct(merged['partial_lag'], 95):>6}       "
               f"| {pct(merged['partial_gap'], 50)} / {pct(merged['partial_gap'], 95):>6}      "
               f"| {pct(merged['endpoint'], 50)} / {pct(merged['endpoint'], 95):>6}     "
               f"| {pct(merged['final'], 50)} / {pct(merged['final'], 95):>6} | {pct(merged['analysis'], 50)} / {pct(merged['analysis'], 95):>6}     "
               f"| {cpu / audio_s / args.threads:5.2f}")  # fmt: skip
-        busy.append((n, len(merged["final"]), worker))
+        busy.append((n, len(merged["final"]) + len(merged["final_split"]), worker))
+        splits.append((n, merged["final_split"]))
+    for n, split in splits:
+        if split:
+            print(f"  {n} streams: {len(split)} Finals of utterances split at max_utterance_s, from the split: "
+                  f"P50/P95 {pct(split, 50).strip()}/{pct(split, 95).strip()} ms")  # fmt: skip
     print("the worker's time per request (P50/P95 ms), and requests run; finals past the Finals sent were eager passes for an end that did not come:")
     for n, finals, worker in busy:
         kinds = " | ".join(f"{k} {pct(v, 50).strip()}/{pct(v, 95).strip()} x{len(v)}" for k, v in sorted(worker.items()))

@@ -15,9 +15,8 @@ decoding and VAD run in a small thread pool, never on the event loop.
 
 Capacity: at most ``max_sessions`` sessions; when the worker lags real time by more than
 ``max_backlog_s`` new sessions are refused with :class:`OverCapacityError` and partials
-are skipped until it catches up (finals are never skipped); before that, while the worker
-is busier than ``partial_load`` (its busy fraction over the last 5 s), the step between
-partials is stretched by the ratio, so partials cannot keep it full and Finals wait less. A client that does not read
+are skipped until it catches up (finals are never skipped). Optionally (``partial_load``
+below 1) partials are spaced out while the worker is busier than that. A client that does not read
 its events for ``slow_consumer_s`` loses its session (fatal ``slow_consumer`` error);
 others are unaffected.
 
@@ -88,6 +87,10 @@ class SessionLimitError(OsumError):
     code = "limit_exceeded"
 
 
+SPACING_PERIOD_S = 0.5  # how often partial_spacing adjusts
+MAX_SPACING = 8.0  # at most 8 times partial_step_ms between partials (3.8 s at 480 ms)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     max_sessions: int = 64
@@ -102,10 +105,10 @@ class EngineOptions:
     feed_threads: int = 2
     feed_inline: bool = False  # decode on the event loop: only for sessions whose feed is trivial (null engine)
     # partials are spaced out while the worker is busier than this (its busy fraction over
-    # the last seconds, 0 to 1): at twice it, every other partial. Partials are refinements;
-    # a worker kept full by them makes every Final wait for one (measured: two osum-mini
-    # streams on 2 cores kept it ~97 % busy, 78 % of it partials, docs/streaming.md). 1: never
-    partial_load: float = 0.6
+    # the last seconds, 0 to 1; see Engine.partial_spacing); 1 (the default): never. Off
+    # because it did not pay on osum-mini, 2 cores (docs/streaming.md): sparser partials
+    # make worse drafts, and the Finals that verify them dearer (337 -> 600 ms a pass)
+    partial_load: float = 1.0
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
 
     def __post_init__(self) -> None:
@@ -136,6 +139,7 @@ class Engine:
         self.accepting = False
         self._started = False  # accepting is False both before start and while draining
         self._secret = b""
+        self._spacing, self._spacing_at = 1.0, 0.0  # partial_spacing's factor and when it last moved
 
     async def start(self) -> None:
         self._secret = await self.store.secret()
@@ -184,9 +188,17 @@ class Engine:
 
     @property
     def partial_spacing(self) -> float:
-        """How much to stretch the step between partials: the worker's recent busy fraction
-        over ``partial_load``, at least 1."""
-        return max(1.0, self.scheduler.utilization / self.opt.partial_load)
+        """How much to stretch the step between partials (1 to ``MAX_SPACING``). A controller
+        on the worker's busy fraction: every ``SPACING_PERIOD_S`` the factor grows by a
+        quarter while the worker is busier than ``partial_load`` and shrinks by a fifth while
+        it is not, so the worker settles near that load whatever the partials cost (a fixed
+        ratio could not: at a full worker it stretched them only 1 / partial_load times)."""
+        now = time.monotonic()
+        if now - self._spacing_at >= SPACING_PERIOD_S:
+            self._spacing_at = now
+            grow = self.scheduler.utilization > self.opt.partial_load
+            self._spacing = min(MAX_SPACING, max(1.0, self._spacing * (1.25 if grow else 0.8)))
+        return self._spacing
 
     async def open_session(self, config: SessionConfig, resume: str | None = None, last_seq: int = -1,
                            owner: str = "anonymous") -> LiveSession:  # fmt: skip
