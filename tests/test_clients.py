@@ -225,3 +225,33 @@ def test_osum_stream_prints_word_times_under_their_final() -> None:
     f = Final(3, "s", 0, "hello world", 1.0, 2.0, 0.9, (Word("hello", 1.02, 1.4), Word("world", 1.45, 1.9)))
     assert format_final(f).splitlines() == ["[   1.00 -    2.00] hello world", "       1.02 -    1.40  hello", "       1.45 -    1.90  world"]
     assert format_final(replace(f, words=())) == "[   1.00 -    2.00] hello world"
+
+
+def test_sdk_partial_options_reach_the_session_over_both_protocols(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """``partial_step_ms``, ``partial_growth`` and ``partial_context`` of StreamOptions are the
+    session's, over WebSocket and gRPC; a bad value is the client's ``invalid_config``."""
+    audio = np.concatenate([SIL, male_clip, SIL])
+    asked = replace(FAST, tasks=(), partial_step_ms=960, partial_growth=0.25, partial_context="chunked")
+
+    async def main() -> dict[str, tuple]:
+        async with Servers(tiny_model) as s:
+            urls = {"ws": f"ws://127.0.0.1:{s.ws_port}", "grpc": f"grpc://127.0.0.1:{s.grpc_port}"}
+            out = {}
+            for name, url in urls.items():
+                for label, opt in (("asked", asked), ("default", replace(FAST, tasks=()))):
+                    seen, finals = None, 0
+                    async for ev in AsyncClient(url).stream(from_array(audio), opt):
+                        if isinstance(ev, Begin):  # the server's session, while it is open
+                            c = s.engine.sessions[ev.session_id].session.config
+                            seen = (c.partial_step_ms, c.partial_growth, c.partial_context)
+                        finals += isinstance(ev, Final)
+                    out[f"{name}-{label}"] = (seen, finals)
+                bad = await _events(url, from_array(audio), replace(FAST, partial_context="causal"))
+                out[f"{name}-bad"] = tuple(e.code for e in bad if isinstance(e, Error))
+            return out
+
+    out = asyncio.run(main())
+    for name in ("ws", "grpc"):
+        assert out[f"{name}-asked"] == ((960, 0.25, "chunked"), 1)
+        assert out[f"{name}-default"] == ((480, 0.1, "full"), 1)
+        assert out[f"{name}-bad"] == ("invalid_config",)

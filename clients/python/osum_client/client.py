@@ -62,6 +62,9 @@ class StreamOptions:
     endpointing_ms: int | None = None  # trailing silence that ends an utterance (server default 600)
     eager_final_ms: int | None = None  # start the final pass after this much silence (server default 200; 0: off)
     words: bool = False  # each Final's words with their times (Final.words)
+    partial_step_ms: int | None = None  # audio between partials, a multiple of 80 (server default 480)
+    partial_context: str | None = None  # "full" (server default) or "chunked": what each partial encodes
+    partial_growth: float | None = None  # full context: the step grows to this share of the utterance (default 0.1)
     realtime: bool = True  # pace the source at real time; False: as fast as the server takes it
     keepalive_s: float = 5.0
     reconnects: int = 3
@@ -94,6 +97,9 @@ class _WsConnection:
             q["endpointing"] = str(opt.endpointing_ms)
         if opt.eager_final_ms is not None:
             q["eager_final_ms"] = str(opt.eager_final_ms)
+        for name in ("partial_step_ms", "partial_context", "partial_growth"):
+            if (value := getattr(opt, name)) is not None:
+                q[name] = str(value)
         if token:
             q |= {"resume": token, "last_seq": str(last_seq)}
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
@@ -168,7 +174,10 @@ class _GrpcConnection:
             rc.endpointing_config.min_silence_ms = opt.endpointing_ms
         if opt.eager_final_ms is not None:
             rc.endpointing_config.eager_final_ms = opt.eager_final_ms
-        sc = pb.StreamingRecognitionConfig(config=rc, interim_results=opt.interim_results)
+        sc = pb.StreamingRecognitionConfig(config=rc, interim_results=opt.interim_results,
+                                           partial_step_ms=opt.partial_step_ms or 0, partial_context=opt.partial_context or "")  # fmt: skip
+        if opt.partial_growth is not None:
+            sc.partial_growth = opt.partial_growth
         if token:
             sc.resume_token, sc.last_seq = token, last_seq
         self.channel = grpc.aio.insecure_channel(self.target, options=[("grpc.max_send_message_length", 4 << 20)])
