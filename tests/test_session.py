@@ -18,9 +18,12 @@ SIL = np.zeros(16000, np.float32)
 FINAL_TOKENS = 12
 
 
-def _pump(s: Session, model) -> None:  # type: ignore[no-untyped-def]
-    while (req := s.next_work()) is not None:
+def _pump(s: Session, model, on_partial=None, spacing: float = 1.0) -> None:  # type: ignore[no-untyped-def]
+    """Run the session's requests until it has none; ``on_partial(req)`` sees each partial first."""
+    while (req := s.next_work(partial_spacing=spacing)) is not None:
         if isinstance(req, PartialRequest):
+            if on_partial is not None:
+                on_partial(req)
             res = run_partials(model, [req])[0]
         elif isinstance(req, FinalRequest):
             res = run_finals(model, [req], max_new_tokens=FINAL_TOKENS)[0]
@@ -30,7 +33,8 @@ def _pump(s: Session, model) -> None:  # type: ignore[no-untyped-def]
         s.apply(req, res)
 
 
-def _stream(s: Session, model, audio: np.ndarray, chunk: int = 3200, end: bool = True) -> list:  # type: ignore[no-untyped-def]
+def _stream(s: Session, model, audio: np.ndarray, chunk: int = 3200, end: bool = True, on_partial=None,  # type: ignore[no-untyped-def]
+            spacing: float = 1.0) -> list:  # fmt: skip
     if s.config.audio.encoding == "float32":
         pcm = np.asarray(audio, "<f4").tobytes()
     else:
@@ -38,11 +42,11 @@ def _stream(s: Session, model, audio: np.ndarray, chunk: int = 3200, end: bool =
     events = []
     for i in range(0, len(pcm), chunk):
         s.feed(pcm[i : i + chunk])
-        _pump(s, model)
+        _pump(s, model, on_partial, spacing)
         events += s.drain()
     if end:
         s.end_of_stream()
-        _pump(s, model)
+        _pump(s, model, on_partial, spacing)
         events += s.drain()
     return events
 
@@ -394,24 +398,17 @@ def test_a_session_asks_for_the_partials_its_config_names(tiny_model, male_clip,
     """Full context (the default): each partial carries the utterance's audio so far and no
     encoder state; chunked: only new log-mel frames on the session's caches."""
     s = Session("s", SessionConfig(max_partial_tokens=4, tasks=(), partial_context=context), tiny_model)
-    pcm = (np.clip(np.concatenate([SIL, male_clip, SIL]), -1, 1) * 32767).astype("<i2").tobytes()
-    partials = 0
-    for i in range(0, len(pcm), 1600):
-        s.feed(pcm[i : i + 1600])
-        while (req := s.next_work()) is not None:
-            if isinstance(req, PartialRequest):
-                partials += 1
-                u = s._utts[0]
-                if context == "full":
-                    assert req.audio is not None and req.audio.size == s._now - u.start and req.cache is None
-                else:
-                    assert req.audio is None and req.cache is not None
-                s.apply(req, run_partials(tiny_model, [req])[0])
-            elif isinstance(req, FinalRequest):
-                s.apply(req, run_finals(tiny_model, [req], max_new_tokens=FINAL_TOKENS)[0])
-            else:
-                s.apply(req, run_analyses(tiny_model, [req])[0])
-    assert partials >= 2
+    partials = []
+
+    def check(req: PartialRequest) -> None:
+        partials.append(req)
+        if context == "full":
+            assert req.audio is not None and req.audio.size == s._now - s._utts[0].start and req.cache is None
+        else:
+            assert req.audio is None and req.cache is not None
+
+    _stream(s, tiny_model, np.concatenate([SIL, male_clip, SIL]), chunk=1600, end=False, on_partial=check)
+    assert len(partials) >= 2
 
 
 @pytest.mark.parametrize("growth", [0.0, 0.1, 0.25])
@@ -424,18 +421,8 @@ def test_full_context_partials_space_out_as_the_utterance_grows(tiny_model, male
     s = Session("s", cfg, tiny_model)
     gap = np.full(1600, 1e-4, np.float32)  # 100 ms, and the clip's own pauses: under the endpoint's silence
     talk = np.concatenate([SIL] + [x for _ in range(4) for x in (male_clip, gap)] + [SIL])  # ~16 s of speech
-    pcm = (np.clip(talk, -1, 1) * 32767).astype("<i2").tobytes()
-    sizes = []
-    for i in range(0, len(pcm), 1600):  # 50 ms at a time
-        s.feed(pcm[i : i + 1600])
-        while (req := s.next_work()) is not None:
-            if isinstance(req, PartialRequest):
-                sizes.append(req.audio.size)
-                s.apply(req, run_partials(tiny_model, [req])[0])
-            elif isinstance(req, FinalRequest):
-                s.apply(req, run_finals(tiny_model, [req], max_new_tokens=FINAL_TOKENS)[0])
-            else:
-                s.apply(req, run_analyses(tiny_model, [req])[0])
+    sizes: list[int] = []
+    _stream(s, tiny_model, talk, chunk=1600, end=False, on_partial=lambda req: sizes.append(req.audio.size))  # 50 ms at a time
     assert len(s.finals) == 1 and s.finals[0]["end"] - s.finals[0]["start"] > 14  # one long utterance
     steps = np.diff(sizes)
     due = np.array([cfg.partial_due(n) for n in sizes[1:]])
@@ -480,18 +467,9 @@ def test_a_busy_worker_spaces_partials_out(tiny_model, male_clip) -> None:  # ty
 
     def steps(spacing: float) -> list[int]:
         s = Session("s", SessionConfig(max_partial_tokens=2, tasks=(), eager_final_ms=0), tiny_model)
-        pcm = (np.clip(np.concatenate([SIL, male_clip, SIL]), -1, 1) * 32767).astype("<i2").tobytes()
-        sizes = []
-        for i in range(0, len(pcm), 1600):
-            s.feed(pcm[i : i + 1600])
-            while (req := s.next_work(partial_spacing=spacing)) is not None:
-                if isinstance(req, PartialRequest):
-                    sizes.append(req.audio.size)
-                    s.apply(req, run_partials(tiny_model, [req])[0])
-                elif isinstance(req, FinalRequest):
-                    s.apply(req, run_finals(tiny_model, [req], max_new_tokens=2)[0])
-                else:
-                    s.apply(req, run_analyses(tiny_model, [req])[0])
+        sizes: list[int] = []
+        _stream(s, tiny_model, np.concatenate([SIL, male_clip, SIL]), chunk=1600, end=False,
+                on_partial=lambda req: sizes.append(req.audio.size), spacing=spacing)  # fmt: skip
         return list(np.diff(sizes))
 
     assert steps(1.0) == steps(0.5) and set(steps(1.0)) == {8000}  # 480 ms, in 50 ms feeds
