@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from osum.audio import load_audio
+from osum.audio import trim_silence as _trim  # long_turns.py imports it from here
 from streaming.engine import Engine, EngineOptions
 from streaming.events import Analysis, Final, Partial, SpeechEnded
 from streaming.session import SessionConfig
@@ -53,15 +54,6 @@ def clips() -> list[np.ndarray]:
         files = sorted(f for f in root.glob("*.wav") if 1.5 < f.stat().st_size / 16000 < 8)  # 8 kHz PCM16
         out += [load_audio(f) for f in files[:20]]
     return out
-
-
-def _trim(x: np.ndarray, margin: int = 800) -> np.ndarray:
-    """The clip less its leading and trailing silence (20 ms frames under -40 dBFS), 50 ms kept."""
-    frames = x[: x.size // 320 * 320].reshape(-1, 320)
-    loud = np.flatnonzero(np.sqrt((frames**2).mean(1)) > 0.01)
-    if not loud.size:
-        return x
-    return x[max(0, loud[0] * 320 - margin) : (loud[-1] + 1) * 320 + margin]
 
 
 def program(seconds: float, rng: random.Random, pool: list[np.ndarray], utterance_s: float = 0.0

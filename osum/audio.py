@@ -38,6 +38,7 @@ __all__ = [
     "SAMPLE_RATE",
     "IncrementalLogMel",
     "load_audio",
+    "trim_silence",
     "log_mel",
     "normalize_log_mel",
     "prepare_audio",
@@ -98,6 +99,16 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
     import soxr
 
     return soxr.resample(audio, orig_sr, target_sr, quality="HQ").astype(np.float32)
+
+
+def trim_silence(audio: np.ndarray, margin: int = 800) -> np.ndarray:
+    """``audio`` less its leading and trailing silence (20 ms frames under -40 dBFS), keeping
+    ``margin`` samples (50 ms) either side; a clip with no loud frame comes back whole."""
+    frames = audio[: audio.size // 320 * 320].reshape(-1, 320)
+    loud = np.flatnonzero(np.sqrt((frames**2).mean(1)) > 0.01)
+    if not loud.size:
+        return audio
+    return audio[max(0, loud[0] * 320 - margin) : (loud[-1] + 1) * 320 + margin]
 
 
 def prepare_audio(audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -284,3 +284,39 @@ def test_a_run_starts_from_shipped_weights(tiny_run, tmp_path: Path) -> None:  #
     save_file({k: v for k, v in want.items() if "lora" not in k}, str(ctc_only))
     with pytest.raises(ValueError, match="lacks"):
         _trainer(tmp_path / "bad", replace(joint, init=str(ctc_only)), model)
+
+
+@pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="asterisk-core-sounds-en-wav")
+def test_real_variants_keep_test_prompts_out_and_text_with_audio() -> None:
+    """The items derived from real prompts (speeds, joined turns) use training prompts only,
+    and a joined turn's text is its prompts' texts in the order its audio has them."""
+    import numpy as np
+
+    from osum.audio import trim_silence
+    from osum.train.data import MAX_JOINED_S, _derived_audio, _read_wav, is_test, normalize, real_prompts, real_variants
+
+    prompts = real_prompts()
+    test_texts = {normalize(p.text) for p in prompts if is_test(p)}
+    by_path = {str(p.path): p for p in prompts}
+    items = list(real_variants(seed=0, n_joined=40))
+    assert len(items) == 2 * sum(1 for p in prompts if not is_test(p) and normalize(p.text)
+                                 and normalize(p.text) not in test_texts) + 40  # fmt: skip
+    for it in items:
+        for src in it["sources"]:
+            assert not is_test(by_path[src]) and normalize(by_path[src].text) not in test_texts
+    speed = next(it for it in items if it["speed"] == 1.1)
+    original = _read_wav(speed["sources"][0])
+    assert abs(_derived_audio(dict(speed)).size - original.size / 1.1) <= 2  # faster: fewer samples
+    joins = [it for it in items if it["id"].startswith("real/join/")]
+    lengths = []
+    for it in joins[:12]:
+        it = dict(it)
+        audio = _derived_audio(it)
+        lengths.append(len(it["sources"]))
+        assert it["text"] == " ".join(by_path[s].text for s in it["sources"])
+        assert len(it["gaps"]) == len(it["sources"]) - 1
+        parts = sum(trim_silence(_read_wav(s)).size for s in it["sources"]) + sum(int(g * 16000) for g in it["gaps"])
+        assert abs(audio.size - parts / it["speed"]) <= 2
+        assert audio.size <= MAX_JOINED_S * 16000 or len(it["sources"]) == 2
+        assert np.isfinite(audio).all()
+    assert max(lengths) > 2  # turns of several prompts, not only pairs

@@ -16,6 +16,11 @@ The recipe (rebuild it with ``python -m osum.train.data build DIR``):
   (female), with random rate and pitch. The gender label is the voice's.
 * **Augmentation**: gain, additive white/pink noise at 5-35 dB SNR, a synthetic room
   reverberation, and the 8 kHz telephone band (with G.711 mu-law half of the time).
+* **Real variants** (``--real-variants N``): each real training prompt at speeds 0.9 and 1.1
+  (resampled: tempo and pitch, as Kaldi's speed perturbation), and ``N`` continuous turns of
+  2-5 training prompts (trimmed, joined by 0.1-0.6 s gaps, some at 0.9 or 1.1 speed, at most
+  ``MAX_JOINED_S``): new word sequences in the real voice, and turns longer than one prompt.
+  Only training prompts whose normalised text is no test prompt's are used.
 
 Each item is a line of ``manifest.jsonl``: ``{"id", "audio", "text", "gender", "speaker",
 "source", "split"}`` with 16 kHz FLAC audio beside it.
@@ -37,9 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE, resample
+from ..audio import SAMPLE_RATE, resample, trim_silence
 
-__all__ = ["RealPrompt", "real_prompts", "is_test", "normalize", "corpus", "synthesize", "augment", "build"]
+__all__ = ["RealPrompt", "real_prompts", "is_test", "normalize", "corpus", "synthesize", "augment",
+           "real_variants", "build"]
 
 ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 ASTERISK_TEXT = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
@@ -254,11 +260,58 @@ def _existing(manifest: Path) -> set[str]:
     return {json.loads(line)["id"] for line in manifest.read_text().splitlines() if line.strip()}
 
 
-def _items(seed: int, n_synth: int) -> Iterator[dict]:
+SPEEDS = (0.9, 1.1)
+MAX_JOINED_S = 16.0
+
+
+def real_variants(seed: int, n_joined: int) -> Iterator[dict]:
+    """Items derived from the real training prompts: each at :data:`SPEEDS`, and ``n_joined``
+    turns of 2-5 prompts. ``sources``, ``gaps`` (seconds) and ``speed`` say how to build each."""
+    prompts = real_prompts()
+    test = {normalize(p.text) for p in prompts if is_test(p)}
+    train = [p for p in prompts if not is_test(p) and normalize(p.text) and normalize(p.text) not in test]
+    for p in train:
+        for f in SPEEDS:
+            yield {"id": f"real/speed{f}/{p.name}", "sources": [str(p.path)], "gaps": [], "speed": f,
+                   "texts": [p.text], "text": p.text}  # fmt: skip
+    rng = random.Random(seed + 1)
+    for i in range(n_joined):
+        parts = rng.sample(train, rng.randint(2, 5))
+        yield {"id": f"real/join/{i:05d}", "sources": [str(p.path) for p in parts],
+               "gaps": [round(rng.uniform(0.1, 0.6), 2) for _ in parts[1:]],
+               "speed": rng.choice([0.9, 1.0, 1.0, 1.1]), "texts": [p.text for p in parts],
+               "text": " ".join(p.text for p in parts)}  # fmt: skip
+
+
+def _derived_audio(item: dict) -> np.ndarray:
+    """The audio of a :func:`real_variants` item (which it updates in place): trimmed prompts,
+    gaps of a faint dither (a line's floor), then the speed change. A join is cut before a
+    prompt that would take it past :data:`MAX_JOINED_S`, its text with it."""
+    joined = len(item["sources"]) > 1
+    dither = np.random.default_rng(int(hashlib.sha1(item["id"].encode()).hexdigest()[:8], 16))
+    pieces, n, kept = [], 0, 0
+    for k, src in enumerate(item["sources"]):
+        x = trim_silence(_read_wav(src)) if joined else _read_wav(src)
+        gap = dither.standard_normal(int(item["gaps"][k - 1] * SAMPLE_RATE)).astype(np.float32) * 1e-4 if k else x[:0]
+        if k >= 2 and (n + gap.size + x.size) / item["speed"] > MAX_JOINED_S * SAMPLE_RATE:
+            break
+        pieces += [gap, x]
+        n += gap.size + x.size
+        kept += 1
+    item["sources"], item["gaps"], item["texts"] = item["sources"][:kept], item["gaps"][: kept - 1], item["texts"][:kept]
+    item["text"] = " ".join(item["texts"])
+    audio = np.concatenate(pieces)
+    return resample(audio, round(SAMPLE_RATE * item["speed"])) if item["speed"] != 1.0 else audio
+
+
+def _items(seed: int, n_synth: int, n_joined: int = 0) -> Iterator[dict]:
     for p in real_prompts():
         split = "test" if is_test(p) else "train"
         yield {"id": f"real/{p.name}", "source": p.path, "text": p.text, "gender": "female",
                "speaker": "asterisk-allison", "split": split}  # fmt: skip
+    if n_joined:
+        for item in real_variants(seed, n_joined):
+            yield item | {"gender": "female", "speaker": "asterisk-allison", "split": "train"}
     texts = corpus(seed)
     rng = random.Random(seed)
     for i in range(n_synth):
@@ -267,7 +320,7 @@ def _items(seed: int, n_synth: int) -> Iterator[dict]:
                "speaker": voice, "split": "train", "seed": rng.randrange(1 << 30)}  # fmt: skip
 
 
-def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int = 1) -> Path:
+def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int = 1, n_joined: int = 0) -> Path:
     """Write (or resume writing) the data set into ``out``; returns the manifest path.
 
     Shards let several processes build in parallel (``shard`` of ``n_shards``), each with its
@@ -279,7 +332,7 @@ def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int 
     manifest = out / f"manifest.{shard}.jsonl"
     done = _existing(manifest)
     with manifest.open("a") as m:
-        for k, item in enumerate(_items(seed, n_synth)):
+        for k, item in enumerate(_items(seed, n_synth, n_joined)):
             if k % n_shards != shard or item["id"] in done:
                 continue
             path = out / f"{item['id']}.flac"
@@ -287,6 +340,10 @@ def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int 
             if "source" in item:
                 audio = _read_wav(str(item.pop("source")))
                 item["augment"] = []
+            elif "sources" in item:
+                audio = _derived_audio(item)
+                item["augment"] = [f"speed{item['speed']}"] + (["joined"] if len(item["sources"]) > 1 else [])
+                item["sources"] = [str(Path(s).relative_to(ASTERISK_DIR)) for s in item["sources"]]
             else:
                 rng = random.Random(item.pop("seed"))
                 audio, item["augment"] = augment(synthesize(item["text"], item["voice"], rng), rng)
@@ -318,8 +375,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard", type=int, default=0)
     ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--real-variants", type=int, default=0, metavar="N",
+                    help="add the real training prompts at two speeds and N turns joined from them")
     args = ap.parse_args()
-    print(build(args.out, args.synthetic, args.seed, args.shard, args.shards))
+    print(build(args.out, args.synthetic, args.seed, args.shard, args.shards, args.real_variants))
 
 
 if __name__ == "__main__":
