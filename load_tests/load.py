@@ -5,7 +5,7 @@
 
 It starts ``osum-serve`` on 127.0.0.1 (ports chosen by the system; a private redis-server
 as users get it), opens N sessions (WebSocket ``/v1/listen`` or gRPC), each streaming real
-speech with 1.0-1.6 s pauses in 100 ms chunks at real-time pace (starts spread over the
+speech with 1.0-1.6 s pauses in 100 ms chunks (``--chunk-ms``) at real-time pace (starts spread over the
 first ``--ramp`` seconds), and records for every utterance, in wall time:
 
 * first partial: from the chunk holding the speech's true start to the first Partial;
@@ -68,11 +68,12 @@ class Stats:
 class Timeline:
     """When each chunk was sent; maps stream times to send times."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = CHUNK) -> None:
+        self.chunk = chunk  # samples a chunk
         self.sent: list[float] = []
 
     def at(self, seconds: float) -> float | None:
-        k = int(seconds * 16000) // CHUNK
+        k = int(seconds * 16000) // self.chunk
         return self.sent[k] if 0 <= k < len(self.sent) else None
 
 
@@ -100,23 +101,23 @@ def _record(st: Stats, tl: Timeline, segs: list[tuple[int, int]], m: dict, now: 
 
 
 async def _pace(chunks: list[bytes], tl: Timeline, st: Stats, send) -> None:  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
+    t0, step = time.perf_counter(), tl.chunk / 16000
     for k, c in enumerate(chunks):
-        due = t0 + k * 0.1
+        due = t0 + k * step
         if (d := due - time.perf_counter()) > 0:
             await asyncio.sleep(d)
         now = time.perf_counter()
         st.lag.append(now - due)
         tl.sent.append(now)
         await send(c)
-    st.audio_s += len(chunks) * 0.1
+    st.audio_s += len(chunks) * step
 
 
 async def ws_session(port: int, chunks: list[bytes], segs: list[tuple[int, int]]) -> Stats:
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-    st, tl, state = Stats(), Timeline(), {"partial": set(), "final": {}}
+    st, tl, state = Stats(), Timeline(len(chunks[0]) // 2), {"partial": set(), "final": {}}
     try:
         async with connect(f"ws://127.0.0.1:{port}/v1/listen?tasks=emotion&interim_results=true", max_size=None) as ws:
             begin = json.loads(await ws.recv())
@@ -145,7 +146,7 @@ async def grpc_session(port: int, chunks: list[bytes], segs: list[tuple[int, int
     from streaming.proto import speech_pb2 as pb
     from streaming.proto import speech_pb2_grpc
 
-    st, tl, state = Stats(), Timeline(), {"partial": set(), "final": {}}
+    st, tl, state = Stats(), Timeline(len(chunks[0]) // 2), {"partial": set(), "final": {}}
     q: asyncio.Queue = asyncio.Queue()
     rc = pb.RecognitionConfig(encoding=pb.RecognitionConfig.LINEAR16, sample_rate_hertz=16000, analysis_tasks=["emotion"])
     await q.put(pb.StreamingRecognizeRequest(streaming_config=pb.StreamingRecognitionConfig(config=rc, interim_results=True)))
@@ -188,14 +189,15 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def run_level(n: int, port: int, protocol: str, seconds: float, ramp: float, pids: list[int], seed: int) -> dict:
+async def run_level(n: int, port: int, protocol: str, seconds: float, ramp: float, pids: list[int], seed: int,
+                    chunk: int = CHUNK) -> dict:  # fmt: skip
     rng = random.Random(seed)
     pool = clips()
     progs = []
     for _ in range(n):
         audio, segs = program(seconds, rng, pool)
         pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-        progs.append(([pcm[i : i + 2 * CHUNK] for i in range(0, len(pcm), 2 * CHUNK)], segs))
+        progs.append(([pcm[i : i + 2 * chunk] for i in range(0, len(pcm), 2 * chunk)], segs))
     session = ws_session if protocol == "ws" else grpc_session
 
     async def one(i: int) -> Stats:
@@ -254,7 +256,10 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, help="run the server under cProfile, writing here")
     ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="the server's and the driver's event loop")
     ap.add_argument("--workers", type=int, default=1, help="server processes sharing the ports (osum-serve --workers)")
+    ap.add_argument("--chunk-ms", type=int, default=100, help="audio per message (Riva's published figures use 160)")
     args = ap.parse_args()
+    if not 10 <= args.chunk_ms <= 1000:
+        raise SystemExit("--chunk-ms must be 10 to 1000")
     levels = [int(x) for x in args.sessions.split(",")]
     if max(levels) > args.max_sessions:
         raise SystemExit(f"at most {args.max_sessions} sessions")
@@ -265,11 +270,11 @@ def main() -> None:
     head = ("| N | utterances | errors | first partial P50/P95/P99 ms | final P50/P95/P99 ms | added P50/P95/P99 ms | "
             "analysis P50/P95 ms | driver lag P99 ms | server CPU | driver CPU | audio s per s |")  # fmt: skip
     print(f"engine={args.engine} model={args.model if args.engine == 'model' else '-'} protocol={args.protocol} "
-          f"workers={args.workers} seconds={args.seconds} cores={os.cpu_count()}\n\n{head}\n|" + "---:|" * 11, flush=True)
+          f"workers={args.workers} chunk={args.chunk_ms}ms seconds={args.seconds} cores={os.cpu_count()}\n\n{head}\n|" + "---:|" * 11, flush=True)
     try:
         for i, n in enumerate(levels):
             with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:  # the driver: the same loop
-                r = runner.run(run_level(n, port, args.protocol, args.seconds, args.ramp, pids, seed=i))
+                r = runner.run(run_level(n, port, args.protocol, args.seconds, args.ramp, pids, seed=i, chunk=16 * args.chunk_ms))
             s: Stats = r["stats"]
             row = {"n": n, "utterances": s.utterances, "errors": s.errors, "server_cpu": r["server_cpu"], "driver_cpu": r["driver_cpu"],
                    "audio_per_s": s.audio_s / r["wall"]}  # fmt: skip
