@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from osum.audio import load_audio
-from osum.audio import trim_silence as _trim  # long_turns.py imports it from here
+from osum.audio import trim_silence
 from streaming.engine import Engine, EngineOptions
 from streaming.events import Analysis, Final, Partial, SpeechEnded
 from streaming.session import SessionConfig
@@ -65,9 +65,9 @@ def program(seconds: float, rng: random.Random, pool: list[np.ndarray], utteranc
     while n < seconds * 16000:
         c = rng.choice(pool)
         if utterance_s:  # one turn: the clips' own leading and trailing silences would end it
-            c = _trim(c)
+            c = trim_silence(c)
             while c.size < utterance_s * 16000:
-                c = np.concatenate([c, gap, _trim(rng.choice(pool))])
+                c = np.concatenate([c, gap, trim_silence(rng.choice(pool))])
         c = c[: int(min(max(utterance_s, 0.1), 24.0) * 16000)] if utterance_s else c  # within max_utterance_s
         segs.append((n, n + len(c)))
         pause = np.zeros(int(rng.uniform(1.0, 1.6) * 16000), np.float32)

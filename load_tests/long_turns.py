@@ -29,7 +29,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from osum.audio import load_audio
+from osum.audio import load_audio, trim_silence
 from osum.decoding import DecodingOptions
 from osum.errors import AudioTooLongError
 from osum.inference import recognize
@@ -39,7 +39,7 @@ from streaming.events import Final
 from streaming.session import Session, SessionConfig
 from streaming.work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
 
-from bench_engine import _trim, load  # the same folder: run as a script
+from bench_engine import load  # the same folder: run as a script
 
 
 def turns(length_s: float, count: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
@@ -47,7 +47,7 @@ def turns(length_s: float, count: int, seed: int = 0) -> list[tuple[np.ndarray, 
     prompts = []
     for p in (p for p in real_prompts() if is_test(p)):
         try:
-            audio = _trim(load_audio(p.path))
+            audio = trim_silence(load_audio(p.path))
         except AudioTooLongError:
             continue
         if audio.size < 8 * 16000:

@@ -308,15 +308,22 @@ def test_real_variants_keep_test_prompts_out_and_text_with_audio() -> None:
     original = _read_wav(speed["sources"][0])
     assert abs(_derived_audio(dict(speed)).size - original.size / 1.1) <= 2  # faster: fewer samples
     joins = [it for it in items if it["id"].startswith("real/join/")]
-    lengths = []
-    for it in joins[:12]:
-        it = dict(it)
+    lengths, cut = [], 0
+    for original in joins:
+        it = dict(original)
         audio = _derived_audio(it)
-        lengths.append(len(it["sources"]))
+        kept = len(it["sources"])
+        lengths.append(kept)
+        assert it["sources"] == original["sources"][:kept] and kept >= 2  # a prefix, at least a pair
         assert it["text"] == " ".join(by_path[s].text for s in it["sources"])
-        assert len(it["gaps"]) == len(it["sources"]) - 1
-        parts = sum(trim_silence(_read_wav(s)).size for s in it["sources"]) + sum(int(g * 16000) for g in it["gaps"])
+        assert len(it["gaps"]) == kept - 1
+        trimmed = [trim_silence(_read_wav(s)).size for s in original["sources"]]
+        parts = sum(trimmed[:kept]) + sum(int(g * 16000) for g in it["gaps"])
         assert abs(audio.size - parts / it["speed"]) <= 2
-        assert audio.size <= MAX_JOINED_S * 16000 or len(it["sources"]) == 2
+        assert kept == 2 or audio.size <= MAX_JOINED_S * 16000  # only a pair may run past the limit
+        if kept < len(original["sources"]):  # cut: the next prompt would have taken it past the limit
+            cut += 1
+            longer = parts + int(original["gaps"][kept - 1] * 16000) + trimmed[kept]
+            assert longer / it["speed"] > MAX_JOINED_S * 16000
         assert np.isfinite(audio).all()
-    assert max(lengths) > 2  # turns of several prompts, not only pairs
+    assert max(lengths) > 2 and cut > 0  # turns of several prompts, and some cut at the limit

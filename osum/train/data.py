@@ -18,8 +18,10 @@ The recipe (rebuild it with ``python -m osum.train.data build DIR``):
   reverberation, and the 8 kHz telephone band (with G.711 mu-law half of the time).
 * **Real variants** (``--real-variants N``): each real training prompt at speeds 0.9 and 1.1
   (resampled: tempo and pitch, as Kaldi's speed perturbation), and ``N`` continuous turns of
-  2-5 training prompts (trimmed, joined by 0.1-0.6 s gaps, some at 0.9 or 1.1 speed, at most
-  ``MAX_JOINED_S``): new word sequences in the real voice, and turns longer than one prompt.
+  2-5 training prompts (trimmed, joined by 0.1-0.6 s gaps, some at 0.9 or 1.1 speed; a third
+  or later prompt is left out where it would take the turn past ``MAX_JOINED_S``, so only a
+  pair of long prompts runs longer): new word sequences in the real voice, and turns longer
+  than one prompt.
   Only training prompts whose normalised text is no test prompt's are used.
 
 Each item is a line of ``manifest.jsonl``: ``{"id", "audio", "text", "gender", "speaker",
@@ -285,8 +287,9 @@ def real_variants(seed: int, n_joined: int) -> Iterator[dict]:
 
 def _derived_audio(item: dict) -> np.ndarray:
     """The audio of a :func:`real_variants` item (which it updates in place): trimmed prompts,
-    gaps of a faint dither (a line's floor), then the speed change. A join is cut before a
-    prompt that would take it past :data:`MAX_JOINED_S`, its text with it."""
+    gaps of a faint dither (a line's floor), then the speed change. A join is cut before its
+    third or later prompt where that would take it past :data:`MAX_JOINED_S`, the text with
+    it; the first two prompts are always kept, so a pair may be longer."""
     joined = len(item["sources"]) > 1
     dither = np.random.default_rng(int(hashlib.sha1(item["id"].encode()).hexdigest()[:8], 16))
     pieces, n, kept = [], 0, 0
