@@ -327,3 +327,18 @@ def test_real_variants_keep_test_prompts_out_and_text_with_audio() -> None:
             assert longer / it["speed"] > MAX_JOINED_S * 16000
         assert np.isfinite(audio).all()
     assert max(lengths) > 2 and cut > 0  # turns of several prompts, and some cut at the limit
+
+
+@pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="asterisk-core-sounds-en-wav")
+def test_no_real_training_item_says_a_test_prompts_sentence() -> None:
+    """Asterisk has several recordings of some sentences (conf-lockednow, confbridge-locked):
+    one of them held out means none is trained on. Silence files (an empty normalised text)
+    stay: they are the only silence in training."""
+    from osum.train.data import _items, normalize
+
+    items = [it for it in _items(seed=0, n_synth=0) if it["id"].startswith("real/")]
+    test = {normalize(it["text"]) for it in items if it["split"] == "test"}
+    train = [normalize(it["text"]) for it in items if it["split"] == "train"]
+    assert len(test) > 50 and len(train) > 400
+    assert [t for t in train if t and t in test] == []
+    assert "" in train  # the silence files

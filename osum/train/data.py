@@ -6,6 +6,8 @@ The recipe (rebuild it with ``python -m osum.train.data build DIR``):
   transcripts, CC-BY-SA-3.0): 568 IVR prompts by one female speaker, 8 kHz. Prompts of
   3+ words whose ``sha1(name) % 3 == 0`` form the **held-out test split**, never trained
   on; no training item, real or synthetic, may have a test transcript's normalised text.
+  Other recordings of a test prompt's sentence are therefore left out of training (until
+  2026-12-03 four were in it).
   Bracketed entries (tones, beeps) are dropped.
 * **Text** for synthesis: sentences of 3-20 words from Debian ``fortunes``, the training
   prompts' transcripts, and call-center / phone-menu sentences from templates with random
@@ -308,7 +310,11 @@ def _derived_audio(item: dict) -> np.ndarray:
 
 
 def _items(seed: int, n_synth: int, n_joined: int = 0) -> Iterator[dict]:
-    for p in real_prompts():
+    prompts = real_prompts()
+    test = {normalize(p.text) for p in prompts if is_test(p)} - {""}
+    for p in prompts:
+        if not is_test(p) and normalize(p.text) in test:
+            continue  # another recording of a test prompt's sentence (e.g. conf-lockednow, confbridge-locked)
         split = "test" if is_test(p) else "train"
         yield {"id": f"real/{p.name}", "source": p.path, "text": p.text, "gender": "female",
                "speaker": "asterisk-allison", "split": split}  # fmt: skip
