@@ -79,6 +79,32 @@ def test_joint_stage_learns_and_exports_lora(tiny_run, tmp_path: Path) -> None: 
     assert "speech_token_emded.weight" in overlay and not any(k.startswith("encoder.") for k in overlay)
 
 
+def test_joint_stage_keeps_a_moving_average_and_ships_it(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``ema``: evaluation and best.safetensors use the average, training the live weights; the
+    average survives a resume. ``ctc_weight`` 0: the CTC head is not run at all."""
+    from safetensors.torch import load_file
+
+    cfg, model = tiny_run
+    cfg = replace(cfg, stage="joint", steps=6, eval_every=6, lr=1e-2, lr_lora=1e-2, ctc_weight=0.0, ema=0.8)
+    run = tmp_path / "run_ema"
+    t = _trainer(run, cfg, model)
+    start = t.model.speech_llama_proj.weight.detach().clone()
+    t.train(say=lambda s: None)
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert all("ctc" not in r and r["loss"] == r["llm"] for r in recs)
+    live = t.model.speech_llama_proj.weight.detach()
+    k = next(i for i, p in enumerate(t._trained) if p is t.model.speech_llama_proj.weight)
+    avg = t.ema[k]
+    assert not torch.equal(avg, live) and not torch.equal(avg, start)  # between the start and the live weights
+    assert (avg - start).norm() < (live - start).norm()
+    torch.testing.assert_close(load_file(str(run / "best.safetensors"))["speech_llama_proj.weight"], avg)
+    t2 = _trainer(run, replace(cfg, steps=7), model)
+    torch.testing.assert_close(t2.ema[k], avg)
+    torch.testing.assert_close(t2.model.speech_llama_proj.weight, live)  # resumed from the live weights
+    with pytest.raises(ValueError, match="ema"):
+        replace(cfg, ema=1.0)
+
+
 def test_wer() -> None:
     assert wer(["Press one for sales."], ["press 1 for sales"]) == 0.0
     assert wer(["a b c d"], ["a x c"]) == 0.5
@@ -342,3 +368,25 @@ def test_no_real_training_item_says_a_test_prompts_sentence() -> None:
     assert len(test) > 50 and len(train) > 400
     assert [t for t in train if t and t in test] == []
     assert "" in train  # the silence files
+
+
+def test_a_resumed_build_adds_no_duplicates_when_shards_shift(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Items already in any shard's manifest are not built again, even where a changed recipe
+    (an item dropped) or another shard count moves them to another shard."""
+    import numpy as np
+    import soundfile as sf
+
+    from osum.train import data
+
+    wav = tmp_path / "a.wav"
+    sf.write(str(wav), (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
+    items = [{"id": f"real/p{i}", "source": wav, "text": f"prompt {i}", "split": "train"} for i in range(6)]
+    monkeypatch.setattr(data, "_items", lambda seed, n_synth, n_joined=0: (dict(it) for it in items))
+    out = tmp_path / "data"
+    for shard in (0, 1):
+        data.build(out, 0, shard=shard, n_shards=2)
+    assert sorted(it["id"] for it in data.load_manifest(out)) == sorted(it["id"] for it in items)
+    items = items[1:] + [{"id": "real/p6", "source": wav, "text": "prompt 6", "split": "train"}]  # one dropped, one new
+    data.build(out, 0, shard=0, n_shards=1)
+    ids = [it["id"] for it in data.load_manifest(out)]
+    assert len(ids) == len(set(ids)) == 7 and "real/p6" in ids

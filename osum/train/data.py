@@ -339,7 +339,9 @@ def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int 
 
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / f"manifest.{shard}.jsonl"
-    done = _existing(manifest)
+    # every shard's items, not only this one's: a resumed build whose item order or shard count
+    # changed (a recipe fix that drops items shifts which shard takes which) adds no duplicates
+    done = set().union(*(_existing(m) for m in out.glob("manifest.*.jsonl")))
     with manifest.open("a") as m:
         for k, item in enumerate(_items(seed, n_synth, n_joined)):
             if k % n_shards != shard or item["id"] in done:
