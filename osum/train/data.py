@@ -97,6 +97,12 @@ def is_test(prompt: RealPrompt) -> bool:
     return len(prompt.text.split()) >= 3 and int(hashlib.sha1(prompt.name.encode()).hexdigest(), 16) % 3 == 0
 
 
+def held_out_texts(prompts: list[RealPrompt]) -> set[str]:
+    """Normalised sentences of the held-out prompts: nothing trained on may say one of them,
+    whichever recording it comes from (Asterisk has several of some sentences)."""
+    return {normalize(p.text) for p in prompts if is_test(p)} - {""}
+
+
 def _fortune_sentences() -> list[str]:
     out = []
     for f in sorted(FORTUNES_DIR.glob("*")):
@@ -165,7 +171,7 @@ def corpus(seed: int, n_templates: int = 3000) -> list[str]:
     """Training sentences: fortunes + training prompts + filled templates; test texts removed."""
     rng = random.Random(seed)
     prompts = real_prompts()
-    test = {normalize(p.text) for p in prompts if is_test(p)}
+    test = held_out_texts(prompts)
     texts = _fortune_sentences() + [p.text for p in prompts if not is_test(p)]
     texts += [_fill(rng.choice(TEMPLATES), rng) for _ in range(n_templates)]
     return [t for t in dict.fromkeys(texts) if normalize(t) not in test]
@@ -272,7 +278,7 @@ def real_variants(seed: int, n_joined: int) -> Iterator[dict]:
     """Items derived from the real training prompts: each at :data:`SPEEDS`, and ``n_joined``
     turns of 2-5 prompts. ``sources``, ``gaps`` (seconds) and ``speed`` say how to build each."""
     prompts = real_prompts()
-    test = {normalize(p.text) for p in prompts if is_test(p)}
+    test = held_out_texts(prompts)
     train = [p for p in prompts if not is_test(p) and normalize(p.text) and normalize(p.text) not in test]
     for p in train:
         for f in SPEEDS:
@@ -311,7 +317,7 @@ def _derived_audio(item: dict) -> np.ndarray:
 
 def _items(seed: int, n_synth: int, n_joined: int = 0) -> Iterator[dict]:
     prompts = real_prompts()
-    test = {normalize(p.text) for p in prompts if is_test(p)} - {""}
+    test = held_out_texts(prompts)
     for p in prompts:
         if not is_test(p) and normalize(p.text) in test:
             continue  # another recording of a test prompt's sentence (e.g. conf-lockednow, confbridge-locked)
