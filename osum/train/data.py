@@ -174,7 +174,8 @@ def corpus(seed: int, n_templates: int = 3000) -> list[str]:
     test = held_out_texts(prompts)
     texts = _fortune_sentences() + [p.text for p in prompts if not is_test(p)]
     texts += [_fill(rng.choice(TEMPLATES), rng) for _ in range(n_templates)]
-    return [t for t in dict.fromkeys(texts) if normalize(t) not in test]
+    # an empty normalised text is a silence file's "(3 seconds of silence)": no sentence to speak
+    return [t for t in dict.fromkeys(texts) if normalize(t) and normalize(t) not in test]
 
 
 # ---- voices ---------------------------------------------------------------------------
