@@ -98,6 +98,18 @@ def test_joint_stage_keeps_a_moving_average_and_ships_it(tiny_run, tmp_path: Pat
     assert not torch.equal(avg, live) and not torch.equal(avg, start)  # between the start and the live weights
     assert (avg - start).norm() < (live - start).norm()
     torch.testing.assert_close(load_file(str(run / "best.safetensors"))["speech_llama_proj.weight"], avg)
+    # the last evaluated step (the one a run ships without choosing on the test prompts)
+    from safetensors import safe_open
+
+    from osum.train.export import export_overlay
+
+    torch.testing.assert_close(load_file(str(run / "latest.safetensors"))["speech_llama_proj.weight"], avg)
+    with safe_open(str(run / "latest.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "6" and f.metadata()["ema"] == "0.8"
+    card = export_overlay(run, tmp_path / "shipped.safetensors", weights="latest")
+    assert card["source"]["weights"] == "latest" and card["source"]["step"] == 6
+    assert card["source"]["wer_at_export"] == pytest.approx(recs[-1]["wer"], abs=1e-4)
+    torch.testing.assert_close(load_file(str(tmp_path / "shipped.safetensors"))["speech_llama_proj.weight"].float(), avg, atol=1e-3, rtol=1e-3)
     t2 = _trainer(run, replace(cfg, steps=7), model)
     torch.testing.assert_close(t2.ema[k], avg)
     torch.testing.assert_close(t2.model.speech_llama_proj.weight, live)  # resumed from the live weights

@@ -1,6 +1,6 @@
 """Ship a training run's weights: the overlay in fp16 and the model card beside it.
 
-    python -m osum.train.export RUN_DIR [--weights best|last] [--out osum/weights/osum-mini.safetensors]
+    python -m osum.train.export RUN_DIR [--weights best|latest|last] [--out osum/weights/osum-mini.safetensors]
     python -m osum.train.evaluate --overlay osum/weights/osum-mini.safetensors --quantize int8 --card
 
 The overlay is what osum-mini loads on top of its prepared base (adapter, projection,
@@ -49,16 +49,21 @@ def _sha256(path: Path) -> str:
 
 
 def export_overlay(run: Path, out: Path, weights: str = "best") -> dict:
-    """Write ``run``'s ``best.safetensors`` (or ``last.pt``'s trained parts) to ``out`` in fp16,
-    with a card saying where it came from; returns the card. Transcription only until measured."""
+    """Write ``run``'s ``best.safetensors`` (or ``latest.safetensors``, or ``last.pt``'s live
+    trained parts) to ``out`` in fp16, with a card saying where it came from; returns the card.
+    Transcription only until measured.
+
+    ``best`` was chosen by WER on the held-out prompts the card then reports (optimistic);
+    ``latest`` is the last evaluated step (the moving average where the run keeps one), which
+    no test figure chose."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     meta: dict[str, str] = {}
-    if weights == "best":
-        src = run / "best.safetensors"
+    if weights in ("best", "latest"):
+        src = run / f"{weights}.safetensors"
         if not src.is_file():
-            raise CheckpointError(f"{src}: no best weights (the run has not evaluated yet)")
+            raise CheckpointError(f"{src}: no {weights} weights (the run has not evaluated yet)")
         with safe_open(str(src), "pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
             meta = f.metadata() or {}
@@ -68,7 +73,7 @@ def export_overlay(run: Path, out: Path, weights: str = "best") -> dict:
         sd = {k: v for k, v in state["weights"].items() if not k.startswith("ctc.")}  # the CTC head is training-only
         meta = {"step": str(state["step"])}
     else:
-        raise ValueError(f"weights: best or last, not {weights!r}")
+        raise ValueError(f"weights: best, latest or last, not {weights!r}")
     half = {}
     for k, v in sd.items():
         v = v.float()
@@ -87,6 +92,7 @@ def export_overlay(run: Path, out: Path, weights: str = "best") -> dict:
         "source": {
             "run": run.name,
             "weights": weights,
+            "wer_at_export": float(meta["wer"]) if "wer" in meta else None,
             "step": int(meta["step"]) if "step" in meta else None,
             "run_config": config,
             "exported": dt.date.today().isoformat(),
@@ -101,7 +107,8 @@ def export_overlay(run: Path, out: Path, weights: str = "best") -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a training run directory")
-    ap.add_argument("--weights", choices=("best", "last"), default="best")
+    ap.add_argument("--weights", choices=("best", "latest", "last"), default="best",
+                    help="best: chosen on the held-out prompts; latest: the last evaluated step; last: live weights of last.pt")
     ap.add_argument("--step", type=int, help="the step of best.safetensors, when the run did not record it")
     ap.add_argument("--out", type=Path, default=MINI_OVERLAY)
     args = ap.parse_args()

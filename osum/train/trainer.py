@@ -13,7 +13,10 @@ Two stages, one loop (``python -m osum.train.trainer RUN_DIR [--config FILE]``):
 
 A run directory holds ``config.json`` (the :class:`RunConfig`), ``log.jsonl``,
 ``loss.png``, ``last.pt`` (everything needed to resume: trainable weights, optimiser,
-step, RNG) and ``best.safetensors`` (the overlay at the best held-out WER so far).
+step, RNG), ``latest.safetensors`` (the overlay last evaluated) and ``best.safetensors``
+(the one with the best held-out WER so far). The evaluation prompts are the held-out test
+prompts (the only real English speech not trained on), so "best" is chosen on the test set
+and its figure is optimistic; "latest" (a step fixed in advance) is not chosen on it.
 Runs on CPU; uses CUDA when available, with identical code.
 """
 
@@ -236,6 +239,15 @@ class Trainer:
         torch.save(state, tmp)
         tmp.replace(self.run / "last.pt")
 
+    def _save_overlay(self, name: str, wer: float) -> None:
+        """The overlay as the model holds it now (the average, inside :meth:`_averaged`)."""
+        from safetensors.torch import save_file
+
+        tmp = self.run / f"{name}.tmp"
+        save_file({k: v.contiguous() for k, v in overlay_state_dict(self.model).items()}, str(tmp),
+                  metadata={"step": str(self.step), "wer": f"{wer:.4f}", "ema": str(self.cfg.ema)})  # fmt: skip
+        tmp.replace(self.run / name)
+
     def _restore(self, path: Path, full: bool) -> None:
         state = torch.load(path, weights_only=False, map_location=self.device)
         self._load_weights(state["weights"])
@@ -422,12 +434,10 @@ class Trainer:
             if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                 with self._averaged():  # the moving average, where the run keeps one
                     rec |= self.evaluate()
+                    self._save_overlay("latest.safetensors", rec["wer"])
                     if rec["wer"] < self.best_wer:
                         self.best_wer = rec["wer"]
-                        from safetensors.torch import save_file
-
-                        save_file({k: v.contiguous() for k, v in overlay_state_dict(self.model).items()}, str(self.run / "best.safetensors"),
-                                  metadata={"step": str(self.step), "wer": f"{rec['wer']:.4f}", "ema": str(self.cfg.ema)})  # fmt: skip
+                        self._save_overlay("best.safetensors", rec["wer"])
                 self._save()
                 self.model.train()
                 self.model.encoder.eval()
