@@ -186,14 +186,15 @@ class Engine:
     def overloaded(self) -> bool:
         return self.scheduler.backlog_seconds > self.opt.max_backlog_s
 
-    @property
-    def partial_spacing(self) -> float:
-        """How much to stretch the step between partials (1 to ``MAX_SPACING``). A controller
-        on the worker's busy fraction: every ``SPACING_PERIOD_S`` the factor grows by a
-        quarter while the worker is busier than ``partial_load`` and shrinks by a fifth while
-        it is not, so the worker settles near that load whatever the partials cost (a fixed
-        ratio could not: at a full worker it stretched them only 1 / partial_load times)."""
-        now = time.monotonic()
+    def partial_spacing(self, now: float | None = None) -> float:
+        """How much to stretch the step between partials (1 to ``MAX_SPACING``), adjusting it
+        first when a period has passed since the last adjustment (``now``: ``time.monotonic()``
+        by default). A controller on the worker's busy fraction: every ``SPACING_PERIOD_S``
+        the factor grows by a quarter while the worker is busier than ``partial_load`` and
+        shrinks by a fifth while it is not, so the worker settles near that load whatever the
+        partials cost (a fixed ratio could not: at a full worker it stretched them only
+        1 / partial_load times)."""
+        now = time.monotonic() if now is None else now
         if now - self._spacing_at >= SPACING_PERIOD_S:
             self._spacing_at = now
             grow = self.scheduler.utilization > self.opt.partial_load
@@ -348,7 +349,7 @@ class LiveSession:
             while True:  # until closed and everything published (a session may close with events pending)
                 self._kick.clear()  # before asking: a send after this point wakes the wait below
                 async with self._lock:
-                    req = s.next_work(allow_partial=not eng.overloaded, partial_spacing=eng.partial_spacing)
+                    req = s.next_work(allow_partial=not eng.overloaded, partial_spacing=eng.partial_spacing())
                 if req is None:
                     await self._publish()
                     if s.state is State.CLOSED:

@@ -102,16 +102,16 @@ def test_utilization_is_the_workers_recent_busy_fraction(tiny_model) -> None:  #
 
     engine = Engine(tiny_model, EngineOptions(partial_load=0.5))
     engine.scheduler._busy.append((time.monotonic() - 4.0, time.monotonic() + 60))  # busy: 4 of the last 5 s and on
-    seen = []
+    seen, now = [], time.monotonic()
     for _ in range(14):  # a busy worker: the factor grows by a quarter a period, up to its bound
-        engine._spacing_at -= engine_mod.SPACING_PERIOD_S
-        seen.append(engine.partial_spacing)
+        now += engine_mod.SPACING_PERIOD_S
+        seen.append(engine.partial_spacing(now))
     assert seen[:3] == [1.25, 1.25**2, 1.25**3] and seen[-1] == engine_mod.MAX_SPACING
-    assert engine.partial_spacing == engine_mod.MAX_SPACING  # within a period: unchanged
+    assert engine.partial_spacing(now + engine_mod.SPACING_PERIOD_S / 2) == engine_mod.MAX_SPACING  # within a period: unchanged
     engine.scheduler._busy.clear()  # idle: it shrinks back to 1
     for _ in range(12):
-        engine._spacing_at -= engine_mod.SPACING_PERIOD_S
-        seen.append(engine.partial_spacing)
+        now += engine_mod.SPACING_PERIOD_S
+        seen.append(engine.partial_spacing(now))
     assert seen[14] == engine_mod.MAX_SPACING * 0.8 and seen[-1] == 1.0
     with pytest.raises(ValueError, match="partial_load"):
         EngineOptions(partial_load=0)
