@@ -113,6 +113,12 @@ def test_joint_stage_keeps_a_moving_average_and_ships_it(tiny_run, tmp_path: Pat
     t2 = _trainer(run, replace(cfg, steps=7), model)
     torch.testing.assert_close(t2.ema[k], avg)
     torch.testing.assert_close(t2.model.speech_llama_proj.weight, live)  # resumed from the live weights
+    # latest follows every evaluation, best only an improving one (none can beat a WER of 0)
+    t2.best_wer = 0.0
+    t2.train(say=lambda s: None)
+    for name, step in (("latest", "7"), ("best", "6")):
+        with safe_open(str(run / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["step"] == step, name
     with pytest.raises(ValueError, match="ema"):
         replace(cfg, ema=1.0)
 

@@ -175,7 +175,7 @@ def corpus(seed: int, n_templates: int = 3000) -> list[str]:
     texts = _fortune_sentences() + [p.text for p in prompts if not is_test(p)]
     texts += [_fill(rng.choice(TEMPLATES), rng) for _ in range(n_templates)]
     # an empty normalised text is a silence file's "(3 seconds of silence)": no sentence to speak
-    return [t for t in dict.fromkeys(texts) if normalize(t) and normalize(t) not in test]
+    return [t for t in dict.fromkeys(texts) if (n := normalize(t)) and n not in test]
 
 
 # ---- voices ---------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def real_variants(seed: int, n_joined: int) -> Iterator[dict]:
     turns of 2-5 prompts. ``sources``, ``gaps`` (seconds) and ``speed`` say how to build each."""
     prompts = real_prompts()
     test = held_out_texts(prompts)
-    train = [p for p in prompts if not is_test(p) and normalize(p.text) and normalize(p.text) not in test]
+    train = [p for p in prompts if not is_test(p) and (n := normalize(p.text)) and n not in test]
     for p in train:
         for f in SPEEDS:
             yield {"id": f"real/speed{f}/{p.name}", "sources": [str(p.path)], "gaps": [], "speed": f,
