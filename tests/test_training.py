@@ -374,6 +374,32 @@ def test_real_variants_keep_test_prompts_out_and_text_with_audio() -> None:
 
 
 @pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="asterisk-core-sounds-en-wav")
+def test_edge_pad_adds_quiet_edges_to_the_same_turns() -> None:
+    """``--edge-pad`` leaves the joined turns (prompts, gaps, speed, text) as they are and
+    puts 0 to S seconds of a faint floor before and after each; the default adds nothing."""
+    import numpy as np
+
+    from osum.train.data import _derived_audio, real_variants
+
+    plain = [it for it in real_variants(seed=0, n_joined=12) if it["id"].startswith("real/join/")]
+    padded = [it for it in real_variants(seed=0, n_joined=12, edge_pad=0.3) if it["id"].startswith("real/join/")]
+    assert all("edges" not in it for it in plain)
+    assert [{k: v for k, v in it.items() if k != "edges"} for it in padded] == plain
+    edges = [e for it in padded for e in it["edges"]]
+    assert all(0 <= e <= 0.3 for e in edges) and len(set(edges)) > 4  # drawn, not fixed
+    same_speed = [(p, q) for p, q in zip(plain, padded, strict=True) if p["speed"] == 1.0][:3]
+    assert same_speed
+    for p, q in same_speed:
+        a, b = _derived_audio(dict(p)), _derived_audio(dict(q))
+        lead, trail = (int(e * 16000) for e in q["edges"])
+        assert b.size == a.size + lead + trail
+        assert np.array_equal(b[lead : lead + a.size], a)  # the turn itself is untouched
+        assert np.abs(np.concatenate([b[:lead], b[lead + a.size :]])).max(initial=0) < 1e-3  # silence
+    with pytest.raises(ValueError):
+        next(real_variants(seed=0, n_joined=1, edge_pad=-1))
+
+
+@pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="asterisk-core-sounds-en-wav")
 def test_no_real_training_item_says_a_test_prompts_sentence() -> None:
     """Asterisk has several recordings of some sentences (conf-lockednow, confbridge-locked):
     one of them held out means none is trained on. Silence files (an empty normalised text)
@@ -399,7 +425,7 @@ def test_a_resumed_build_adds_no_duplicates_when_shards_shift(tmp_path: Path, mo
     wav = tmp_path / "a.wav"
     sf.write(str(wav), (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
     items = [{"id": f"real/p{i}", "source": wav, "text": f"prompt {i}", "split": "train"} for i in range(6)]
-    monkeypatch.setattr(data, "_items", lambda seed, n_synth, n_joined=0: (dict(it) for it in items))
+    monkeypatch.setattr(data, "_items", lambda seed, n_synth, n_joined=0, edge_pad=0.0: (dict(it) for it in items))
     out = tmp_path / "data"
     for shard in (0, 1):
         data.build(out, 0, shard=shard, n_shards=2)

@@ -23,7 +23,8 @@ The recipe (rebuild it with ``python -m osum.train.data build DIR``):
   2-5 training prompts (trimmed, joined by 0.1-0.6 s gaps, some at 0.9 or 1.1 speed; a third
   or later prompt is left out where it would take the turn past ``MAX_JOINED_S``, so only a
   pair of long prompts runs longer): new word sequences in the real voice, and turns longer
-  than one prompt.
+  than one prompt. ``--edge-pad S`` gives each such turn 0 to S seconds of silence at each end
+  (the joins are trimmed, while the endpointer's segments carry ~0.05-0.2 s of it).
   Only training prompts whose normalised text is no test prompt's are used.
 
 Each item is a line of ``manifest.jsonl``: ``{"id", "audio", "text", "gender", "speaker",
@@ -275,9 +276,17 @@ SPEEDS = (0.9, 1.1)
 MAX_JOINED_S = 16.0
 
 
-def real_variants(seed: int, n_joined: int) -> Iterator[dict]:
+def real_variants(seed: int, n_joined: int, edge_pad: float = 0.0) -> Iterator[dict]:
     """Items derived from the real training prompts: each at :data:`SPEEDS`, and ``n_joined``
-    turns of 2-5 prompts. ``sources``, ``gaps`` (seconds) and ``speed`` say how to build each."""
+    turns of 2-5 prompts. ``sources``, ``gaps`` (seconds) and ``speed`` say how to build each.
+
+    ``edge_pad`` > 0 gives each turn ``edges``: 0 to ``edge_pad`` seconds of a line's floor
+    before and after its trimmed speech, as the endpointer hands the model a segment with
+    some silence at each end. The draws come from their own generator, so the turns
+    themselves are those of ``edge_pad`` 0.
+    """
+    if edge_pad < 0:
+        raise ValueError("edge_pad must be >= 0")
     prompts = real_prompts()
     test = held_out_texts(prompts)
     train = [p for p in prompts if not is_test(p) and (n := normalize(p.text)) and n not in test]
@@ -285,20 +294,24 @@ def real_variants(seed: int, n_joined: int) -> Iterator[dict]:
         for f in SPEEDS:
             yield {"id": f"real/speed{f}/{p.name}", "sources": [str(p.path)], "gaps": [], "speed": f,
                    "texts": [p.text], "text": p.text}  # fmt: skip
-    rng = random.Random(seed + 1)
+    rng, edges = random.Random(seed + 1), random.Random(seed + 2)
     for i in range(n_joined):
         parts = rng.sample(train, rng.randint(2, 5))
-        yield {"id": f"real/join/{i:05d}", "sources": [str(p.path) for p in parts],
-               "gaps": [round(rng.uniform(0.1, 0.6), 2) for _ in parts[1:]],
-               "speed": rng.choice([0.9, 1.0, 1.0, 1.1]), "texts": [p.text for p in parts],
-               "text": " ".join(p.text for p in parts)}  # fmt: skip
+        item = {"id": f"real/join/{i:05d}", "sources": [str(p.path) for p in parts],
+                "gaps": [round(rng.uniform(0.1, 0.6), 2) for _ in parts[1:]],
+                "speed": rng.choice([0.9, 1.0, 1.0, 1.1]), "texts": [p.text for p in parts],
+                "text": " ".join(p.text for p in parts)}  # fmt: skip
+        if edge_pad > 0:
+            item["edges"] = [round(edges.uniform(0, edge_pad), 2), round(edges.uniform(0, edge_pad), 2)]
+        yield item
 
 
 def _derived_audio(item: dict) -> np.ndarray:
     """The audio of a :func:`real_variants` item (which it updates in place): trimmed prompts,
     gaps of a faint dither (a line's floor), then the speed change. A join is cut before its
     third or later prompt where that would take it past :data:`MAX_JOINED_S`, the text with
-    it; the first two prompts are always kept, so a pair may be longer."""
+    it; the first two prompts are always kept, so a pair may be longer. ``edges`` (seconds of
+    the same floor before and after, outside that limit) are added last, before the speed."""
     joined = len(item["sources"]) > 1
     dither = np.random.default_rng(int(hashlib.sha1(item["id"].encode()).hexdigest()[:8], 16))
     pieces, n, kept = [], 0, 0
@@ -312,11 +325,13 @@ def _derived_audio(item: dict) -> np.ndarray:
         kept += 1
     item["sources"], item["gaps"], item["texts"] = item["sources"][:kept], item["gaps"][: kept - 1], item["texts"][:kept]
     item["text"] = " ".join(item["texts"])
-    audio = np.concatenate(pieces)
+    lead, trail = (int(e * SAMPLE_RATE) for e in item.get("edges", (0.0, 0.0)))
+    floor = dither.standard_normal(lead + trail).astype(np.float32) * 1e-4
+    audio = np.concatenate([floor[:lead], *pieces, floor[lead:]])
     return resample(audio, round(SAMPLE_RATE * item["speed"])) if item["speed"] != 1.0 else audio
 
 
-def _items(seed: int, n_synth: int, n_joined: int = 0) -> Iterator[dict]:
+def _items(seed: int, n_synth: int, n_joined: int = 0, edge_pad: float = 0.0) -> Iterator[dict]:
     prompts = real_prompts()
     test = held_out_texts(prompts)
     for p in prompts:
@@ -326,7 +341,7 @@ def _items(seed: int, n_synth: int, n_joined: int = 0) -> Iterator[dict]:
         yield {"id": f"real/{p.name}", "source": p.path, "text": p.text, "gender": "female",
                "speaker": "asterisk-allison", "split": split}  # fmt: skip
     if n_joined:
-        for item in real_variants(seed, n_joined):
+        for item in real_variants(seed, n_joined, edge_pad):
             yield item | {"gender": "female", "speaker": "asterisk-allison", "split": "train"}
     texts = corpus(seed)
     rng = random.Random(seed)
@@ -336,7 +351,8 @@ def _items(seed: int, n_synth: int, n_joined: int = 0) -> Iterator[dict]:
                "speaker": voice, "split": "train", "seed": rng.randrange(1 << 30)}  # fmt: skip
 
 
-def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int = 1, n_joined: int = 0) -> Path:
+def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int = 1, n_joined: int = 0,
+          edge_pad: float = 0.0) -> Path:
     """Write (or resume writing) the data set into ``out``; returns the manifest path.
 
     Shards let several processes build in parallel (``shard`` of ``n_shards``), each with its
@@ -350,7 +366,7 @@ def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int 
     # changed (a recipe fix that drops items shifts which shard takes which) adds no duplicates
     done = set().union(*(_existing(m) for m in out.glob("manifest.*.jsonl")))
     with manifest.open("a") as m:
-        for k, item in enumerate(_items(seed, n_synth, n_joined)):
+        for k, item in enumerate(_items(seed, n_synth, n_joined, edge_pad)):
             if k % n_shards != shard or item["id"] in done:
                 continue
             path = out / f"{item['id']}.flac"
@@ -395,8 +411,10 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--real-variants", type=int, default=0, metavar="N",
                     help="add the real training prompts at two speeds and N turns joined from them")
+    ap.add_argument("--edge-pad", type=float, default=0.0, metavar="S",
+                    help="give each joined turn 0 to S seconds of silence before and after (default 0)")
     args = ap.parse_args()
-    print(build(args.out, args.synthetic, args.seed, args.shard, args.shards, args.real_variants))
+    print(build(args.out, args.synthetic, args.seed, args.shard, args.shards, args.real_variants, args.edge_pad))
 
 
 if __name__ == "__main__":
