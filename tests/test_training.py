@@ -400,6 +400,22 @@ def test_edge_pad_adds_quiet_edges_to_the_same_turns() -> None:
 
 
 @pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="asterisk-core-sounds-en-wav")
+def test_evaluate_names_the_test_prompts_whose_sentence_is_recorded_twice() -> None:
+    """The five held-out prompts whose sentence another Asterisk recording also says (the
+    card's 2026-12-03 correction) are the ones `evaluate` leaves out of its unshared WER."""
+    from osum.train.data import is_test, real_prompts
+    from osum.train.evaluate import unshared
+
+    prompts = real_prompts()
+    tests = [p for p in prompts if is_test(p)]
+    keep = set(unshared(tests, prompts))
+    shared = sorted(tests[i].name for i in range(len(tests)) if i not in keep)
+    assert len(keep) == len(tests) - 5
+    assert shared == ["conf-waitforleader", "confbridge-begin-glorious-b", "confbridge-begin-glorious-c",
+                      "confbridge-locked", "confbridge-only-one"]  # fmt: skip
+
+
+@pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="asterisk-core-sounds-en-wav")
 def test_no_real_training_item_says_a_test_prompts_sentence() -> None:
     """Asterisk has several recordings of some sentences (conf-lockednow, confbridge-locked):
     one of them held out means none is trained on. Silence files (an empty normalised text)
