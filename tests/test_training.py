@@ -450,3 +450,29 @@ def test_a_resumed_build_adds_no_duplicates_when_shards_shift(tmp_path: Path, mo
     data.build(out, 0, shard=0, n_shards=1)
     ids = [it["id"] for it in data.load_manifest(out)]
     assert len(ids) == len(set(ids)) == 7 and "real/p6" in ids
+
+
+def test_gender_probe_separates_a_direction_and_cv_holds_speakers_out() -> None:
+    from osum.train.gender_probe import fit, pool, speaker_cv
+
+    g = torch.Generator().manual_seed(0)
+    # six speakers, 3 per class; the class lives in one direction, each speaker adds its own offset
+    speakers, rows, labels = [], [], []
+    for s in range(6):
+        male = s % 2
+        offset = torch.randn(8, generator=g) * 0.3
+        for _ in range(10):
+            x = torch.randn(8, generator=g) + offset
+            x[0] += 3.0 if male else -3.0
+            rows.append(x)
+            labels.append(float(male))
+            speakers.append(f"s{s}")
+    x, y = torch.stack(rows), torch.tensor(labels)
+    assert speaker_cv(x, y, speakers, 1e-3) > 0.9
+    w, _ = fit(x, y, torch.ones(len(y)), 1e-3)
+    assert int(w.abs().argmax()) == 0  # the label's direction, not a speaker's offset
+    # shuffled labels carry no speaker-independent signal: held-out speakers score near chance
+    perm = torch.tensor([float(i % 2) for i in range(6) for _ in range(10)])[torch.randperm(60, generator=g)]
+    assert speaker_cv(x, perm, speakers, 1e-3) < 0.75
+    h = torch.randn(50, 4, generator=g)
+    assert torch.allclose(pool(h), torch.cat([h.mean(0), h.std(0)]))

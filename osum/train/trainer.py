@@ -54,7 +54,7 @@ class RunConfig:
     """One training run; saved as ``config.json`` in the run directory."""
 
     stage: str = "ctc"  # ctc | joint
-    data: str = ""  # data directory (manifest + audio)
+    data: str = ""  # data directory (manifest + audio); relative: under <cache>/train (CLI)
     feats: str = ""  # cached encoder outputs
     base: str = ""  # prepared osum-mini directory
     # what initialises this run: a run directory (its last.pt), or shipped weights (an exported
@@ -539,6 +539,9 @@ def main() -> None:
     cfg = RunConfig.load(src) if src.is_file() else RunConfig()
     defaults = {"data": str(root / "train" / "data"), "feats": str(root / "train" / "feats"), "base": str(root / "osum-mini")}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if not getattr(cfg, k)})
+    # a relative data or feats directory names a sibling of the default ones (a variant data set)
+    cfg = dataclasses.replace(cfg, **{k: str(root / "train" / getattr(cfg, k)) for k in ("data", "feats")
+                                      if not Path(getattr(cfg, k)).is_absolute()})  # fmt: skip
     if cfg.init and cfg.init.endswith(".safetensors"):  # shipped weights: a path from here
         cfg = dataclasses.replace(cfg, init=str(Path(cfg.init).resolve()))
     elif cfg.init and not Path(cfg.init).is_absolute():  # a run name: a sibling of this run

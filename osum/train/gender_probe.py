@@ -1,0 +1,118 @@
+"""Is gender in osum-mini's encoder outputs? A linear probe, trained and chosen on training data only.
+
+    python -m osum.train.gender_probe [--per-speaker 20]
+
+osum-mini's SGC answer (the LLM's closed-set tag) has stayed at chance on held-out real
+speakers. This diagnostic asks whether the information is there at all: a logistic
+regression on each utterance's pooled frozen Whisper-base outputs (mean and standard
+deviation over frames: 1,024 numbers), trained on the training items' gender labels (the
+cached features of ``osum.train.features``: TTS voices and the one real Asterisk speaker).
+
+The L2 strength is chosen by leave-one-speaker-out accuracy over the *training* speakers
+(macro over speakers), never by the test speakers; the held-out speakers of
+:func:`osum.train.evaluate.gender_sets` are then scored once with the chosen strength. The
+table prints every strength's held-out figure as well, marked, so that nobody has to take
+the choice on trust. Nothing here is served: it is a measurement of the features.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..audio import load_audio, log_mel
+from ..loading import cache_dir
+from .data import load_manifest
+from .evaluate import gender_sets
+from .features import load_encoder, load_features
+
+__all__ = ["pool", "fit", "speaker_cv", "main"]
+
+STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def pool(h: torch.Tensor) -> torch.Tensor:
+    """(T, D) encoder outputs -> (2 D,): mean and standard deviation over frames."""
+    h = h.float()
+    return torch.cat([h.mean(0), h.std(0)])
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted L2 logistic regression on standardised ``x`` (N, D); returns (w (D,), b (1,))."""
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+    weight = weight / weight.sum()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (weight * F.binary_cross_entropy_with_logits(x @ w + b, y, reduction="none")).sum()
+        loss = loss + strength * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # type: ignore[arg-type]
+    return w.detach(), b.detach()
+
+
+def _balanced(speakers: list[str]) -> torch.Tensor:
+    count = Counter(speakers)  # each speaker weighs the same: one real speaker has 40 % of the items
+    return torch.tensor([1.0 / count[s] for s in speakers])
+
+
+def speaker_cv(x: torch.Tensor, y: torch.Tensor, speakers: list[str], strength: float) -> float:
+    """Leave-one-speaker-out accuracy, averaged over speakers."""
+    accs = []
+    for s in sorted(set(speakers)):
+        out = torch.tensor([t == s for t in speakers])
+        keep = [t for t in speakers if t != s]
+        w, b = fit(x[~out], y[~out], _balanced(keep), strength)
+        accs.append(float((((x[out] @ w + b) > 0).float() == y[out]).float().mean()))
+    return float(np.mean(accs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=cache_dir() / "train" / "data")
+    ap.add_argument("--feats", type=Path, default=cache_dir() / "train" / "feats")
+    ap.add_argument("--base", type=Path, default=cache_dir() / "osum-mini")
+    ap.add_argument("--per-speaker", type=int, default=20, help="held-out clips per speaker (as evaluate's)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    feats = load_features(args.feats)
+    items = [it for it in load_manifest(args.data, "train") if it["id"] in feats]
+    x = torch.stack([pool(feats[it["id"]]) for it in items])
+    y = torch.tensor([1.0 if it["gender"] == "male" else 0.0 for it in items])
+    speakers = [it["speaker"] for it in items]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x = (x - mu) / sd
+    print(f"training: {len(items)} items, {len(set(speakers))} speakers "
+          f"({sum(1 for s in set(speakers) if any(sp == s and g for sp, g in zip(speakers, y.tolist(), strict=True)))} male)")  # fmt: skip
+
+    enc = load_encoder(args.base)
+    held: dict[str, tuple[str, torch.Tensor]] = {}
+    with torch.inference_mode():
+        for name, (gender, files) in gender_sets(args.per_speaker).items():
+            rows = [pool(enc(log_mel(load_audio(f))[None])[0][0]) for f in files]
+            held[name] = (gender, (torch.stack(rows) - mu) / sd)
+
+    cv = {s: speaker_cv(x, y, speakers, s) for s in STRENGTHS}
+    chosen = max(STRENGTHS, key=lambda s: (cv[s], s))  # ties: the stronger prior
+    print(f"{'L2 strength':>12} {'CV, training speakers':>22} {'held-out macro':>15}  per held-out speaker")
+    for s in STRENGTHS:
+        w, b = fit(x, y, _balanced(speakers), s)
+        per = {n: float(((((t @ w + b) > 0)) == (g == "male")).float().mean()) for n, (g, t) in held.items()}
+        mark = "  <- chosen on training speakers" if s == chosen else ""
+        print(f"{s:12g} {cv[s]:22.1%} {np.mean(list(per.values())):15.1%}  "
+              + " ".join(f"{n} {a:.0%}" for n, a in per.items()) + mark)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
