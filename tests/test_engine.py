@@ -36,8 +36,8 @@ def _pcm(x: np.ndarray) -> bytes:
     return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-async def _talk(engine: Engine, audio: np.ndarray, chunk: int = 6400, end: bool = True):  # type: ignore[no-untyped-def]
-    s = await engine.open_session(CFG)
+async def _talk(engine: Engine, audio: np.ndarray, chunk: int = 6400, end: bool = True, cfg: SessionConfig = CFG):  # type: ignore[no-untyped-def]
+    s = await engine.open_session(cfg)
     data = _pcm(audio)
     for i in range(0, len(data), chunk):
         await s.send(data[i : i + chunk])
@@ -51,17 +51,21 @@ async def _collect(s) -> list:  # type: ignore[no-untyped-def]
 
 
 def test_concurrent_sessions_share_batches(tiny_model, male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
-    # a batch forms from requests of one kind queued within max_wait_ms of each other; the
-    # sessions' finals come apart by however long their partials took, which on a loaded CI
-    # machine was more than OPTS's 20 ms once (13 requests in 13 batches): give them 200 ms
-    opts = replace(OPTS, scheduler=replace(OPTS.scheduler, max_wait_ms=200))
+    # a batch forms from requests of one kind queued within max_wait_ms of each other. With
+    # partials on, the sessions' finals come apart by however long the partials queued before
+    # them took (on CPU those run one at a time), which on a loaded CI machine was more than
+    # 20 ms and then more than 200 ms (13 requests in 13 batches, twice). So no partials here
+    # (a step longer than any clip): the finals, then the analyses, are queued together
+    opts = replace(OPTS, scheduler=replace(OPTS.scheduler, max_wait_ms=500))
+    cfg = replace(CFG, partial_step_ms=60_000)
 
     async def main() -> list[list]:
         engine = Engine(tiny_model, opts)
         await engine.start()
         clips = [male_clip, female_clip, male_clip[::-1].copy(), female_clip]
-        sessions = await asyncio.gather(*(_talk(engine, np.concatenate([SIL, c, SIL])) for c in clips))
+        sessions = await asyncio.gather(*(_talk(engine, np.concatenate([SIL, c, SIL]), cfg=cfg) for c in clips))
         results = await asyncio.gather(*(_collect(s) for s in sessions))
+        print(f"{engine.scheduler.requests} requests in {engine.scheduler.batches} batches")
         assert engine.scheduler.batches < engine.scheduler.requests  # work of several sessions was batched
         await engine.stop()
         return results
