@@ -21,10 +21,12 @@ from .model import SplicedInputs
 
 __all__ = ["DecodingOptions", "Hypothesis", "first_loop_cut", "generate", "loop_cut", "score_continuations"]
 
-# A runaway loop: one n-gram (n <= 16 tokens) repeated at least 4 times in a row over at least
-# 16 tokens ("decimal, decimal, ..."; a single token 16 times). Spoken repetitions stay well
-# under it ("no, no, no": 3 x 2 tokens; "1,000,000" is ", 0 0 0" twice).
-LOOP_MAX_NGRAM, LOOP_MIN_REPEATS, LOOP_MIN_TOKENS = 16, 4, 16
+# A runaway loop: one n-gram (n <= 32 tokens) repeated at least 4 times in a row over at least
+# 16 tokens ("decimal, decimal, ..."; a single token 16 times; two alternating menu lines,
+# "dial 3 to send this call to ..., dial 4 to send this call to ...", ~20 tokens a cycle).
+# Spoken repetitions stay well under it ("no, no, no": 3 x 2 tokens; "1,000,000" is ", 0 0 0"
+# twice; a menu says each line once).
+LOOP_MAX_NGRAM, LOOP_MIN_REPEATS, LOOP_MIN_TOKENS = 32, 4, 16
 
 
 def loop_cut(tokens: list[int], end: int | None = None) -> int | None:

@@ -113,6 +113,8 @@ def test_loop_cut_finds_runaway_loops_not_speech() -> None:
     phrase = list(range(10, 18))  # an 8-token phrase: 4 times is a loop, 3 times is speech
     assert loop_cut(phrase * 4) == 8 and loop_cut(phrase * 3) is None
     assert loop_cut([3, 4, 3, 4, 3, 4]) is None  # "no, no, no"
+    cycle = [*range(20, 29), 3, *range(20, 29), 4]  # two menu lines alternating: a 20-token cycle
+    assert loop_cut([1, *cycle * 4]) == 21 and loop_cut([1, *cycle * 3]) is None
     # the first place a loop completes, as token-by-token decoding meets it
     assert first_loop_cut([9, *ab, 9, 9]) == 3 and first_loop_cut([1, 2, 3]) is None
     assert first_loop_cut([9, *ab], start=17) is None  # only lengths past start are checked
