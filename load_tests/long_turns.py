@@ -35,9 +35,7 @@ from osum.errors import AudioTooLongError
 from osum.inference import recognize
 from osum.train.data import is_test, real_prompts
 from osum.train.metrics import wer
-from streaming.events import Final
-from streaming.session import Session, SessionConfig
-from streaming.work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
+from streaming.longform import transcribe_recording
 
 from bench_engine import load  # the same folder: run as a script
 
@@ -69,28 +67,8 @@ def turns(length_s: float, count: int, seed: int = 0) -> list[tuple[np.ndarray, 
 
 def streamed(model: object, audio: np.ndarray) -> str:
     """The Finals' text of one session fed the turn (with a second of silence on each side)."""
-    s = Session("long", SessionConfig(interim_results=False, tasks=()), model)
     silence = np.zeros(16000, np.float32)
-    data = (np.clip(np.concatenate([silence, audio, silence]), -1, 1) * 32767).astype("<i2").tobytes()
-    texts: list[str] = []
-
-    def pump() -> None:
-        while (req := s.next_work()) is not None:
-            if isinstance(req, PartialRequest):
-                s.apply(req, run_partials(model, [req])[0])  # type: ignore[arg-type]
-            elif isinstance(req, FinalRequest):
-                s.apply(req, run_finals(model, [req], 200)[0])  # type: ignore[arg-type]
-            else:
-                assert isinstance(req, AnalysisRequest)
-                s.apply(req, run_analyses(model, [req])[0])  # type: ignore[arg-type]
-        texts.extend(e.transcript for e in s.drain() if isinstance(e, Final) and e.transcript)
-
-    for i in range(0, len(data), 3200):
-        s.feed(data[i : i + 3200])
-        pump()
-    s.end_of_stream()
-    pump()
-    return " ".join(texts)
+    return " ".join(seg.final.transcript for seg in transcribe_recording(model, np.concatenate([silence, audio, silence])))
 
 
 def main() -> None:

@@ -111,14 +111,17 @@ def trim_silence(audio: np.ndarray, margin: int = 800) -> np.ndarray:
     return audio[max(0, loud[0] * 320 - margin) : (loud[-1] + 1) * 320 + margin]
 
 
-def prepare_audio(audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def prepare_audio(audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE,
+                  max_seconds: float = MAX_SECONDS) -> np.ndarray:  # fmt: skip
     """Validate an in-memory signal and return it as 16 kHz mono float32 in [-1, 1].
 
     Accepts float arrays in [-1, 1] or int16 PCM, mono ``(n,)`` or ``(n, channels)``.
+    ``max_seconds``: the encoder's 30 s by default; a recording to be cut into utterances
+    (``streaming.longform``) may be up to ``MAX_FILE_SECONDS``.
 
     Raises:
         InvalidAudioError: empty, non-finite, too short, or a nonsensical sample rate.
-        AudioTooLongError: longer than the 30 s the encoder can take.
+        AudioTooLongError: longer than ``max_seconds``.
     """
     if isinstance(audio, torch.Tensor):
         audio = audio.detach().cpu().numpy()
@@ -140,16 +143,22 @@ def prepare_audio(audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RA
     audio = resample(audio.astype(np.float32, copy=False), int(sample_rate))
     if audio.size < MIN_SAMPLES:
         raise InvalidAudioError(f"audio is {audio.size / SAMPLE_RATE:.3f} s; at least {MIN_SAMPLES / SAMPLE_RATE} s is needed")
-    if audio.size > MAX_SAMPLES:
-        raise AudioTooLongError(
-            f"audio is {audio.size / SAMPLE_RATE:.1f} s; OSUM's encoder takes at most {MAX_SECONDS} s per utterance "
-            "(stream longer audio through the streaming engine, which segments it)"
-        )
+    if audio.size > max_seconds * SAMPLE_RATE:
+        raise AudioTooLongError(_too_long(audio.size / SAMPLE_RATE, max_seconds))
     return np.clip(audio, -1.0, 1.0)
 
 
-def load_audio(path: str | Path) -> np.ndarray:
+def _too_long(seconds: float, limit: float) -> str:
+    if limit > MAX_SECONDS:
+        return f"audio is {seconds:.1f} s; at most {limit:.0f} s is read"
+    return (f"audio is {seconds:.1f} s; OSUM's encoder takes at most {MAX_SECONDS} s per utterance "
+            "(cut longer audio into utterances: `osum transcribe --segment`, or stream it through the engine)")  # fmt: skip
+
+
+def load_audio(path: str | Path, max_seconds: float = MAX_SECONDS) -> np.ndarray:
     """Read a wav/flac/ogg file (soundfile), mix to mono, resample to 16 kHz.
+
+    ``max_seconds``: as :func:`prepare_audio` (at most ``MAX_FILE_SECONDS``).
 
     Raises:
         AudioFileError: the file is missing, unreadable or not audio.
@@ -166,16 +175,14 @@ def load_audio(path: str | Path) -> np.ndarray:
         raise AudioFileError(f"{path}: not a readable audio file ({e})") from e
     if info.frames <= 0 or info.samplerate <= 0:
         raise InvalidAudioError(f"{path}: audio is empty")
-    if info.duration > MAX_FILE_SECONDS or info.frames / info.samplerate > MAX_SECONDS:
-        raise AudioTooLongError(
-            f"{path}: audio is {info.frames / info.samplerate:.1f} s; OSUM's encoder takes at most {MAX_SECONDS} s "
-            "per utterance (stream longer audio through the streaming engine, which segments it)"
-        )
+    limit = min(max_seconds, MAX_FILE_SECONDS)
+    if info.frames / info.samplerate > limit:
+        raise AudioTooLongError(f"{path}: {_too_long(info.frames / info.samplerate, limit)}")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise AudioFileError(f"{path}: could not decode audio ({e})") from e
-    return prepare_audio(data, int(sr))
+    return prepare_audio(data, int(sr), limit)
 
 
 def raw_log_mel(audio: torch.Tensor | np.ndarray) -> torch.Tensor:

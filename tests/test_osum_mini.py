@@ -31,12 +31,13 @@ CACHE = Path(os.environ.get("OSUM_TEST_CACHE", Path.home() / ".cache" / "osum"))
 N_CLIPS = 12
 # Per clip, WER capped at 100 % and averaged, so that one runaway hypothesis (the interim
 # weights loop on some long menu prompts) cannot decide the test alone. On these 12 clips the
-# shipped weights (run mini-joint3, step 700, int8) scored 15.2 %, 4 clips exact (2026-12-02; the weights of
-# 2026-11-25 scored 42.9 %, 1 clip exact;
-# such figures move by several points with numerically tiny changes to the int8 arithmetic at
-# this stage of training, docs/osum-mini.md); Whisper base scores 3.8 % WER. Broken weights or loading score
-# near 100 %.
-CAPPED_WER_BOUND = 0.55
+# shipped weights scored 15.2 %, 4 clips exact (run mini-joint3, step 700, int8, 2026-12-02, and
+# again mini-joint-ema2, step 300, 2026-12-04; the weights of 2026-11-25 scored 42.9 %, 1 clip
+# exact; such figures move by several points with numerically tiny changes to the int8
+# arithmetic at this stage of training, docs/osum-mini.md); Whisper base scores 3.8 % WER.
+# Broken weights or loading score near 100 %; the bound (0.55 until 2026-12-04) leaves twice
+# the shipped figure's room.
+CAPPED_WER_BOUND = 0.35
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,24 @@ def test_word_times_on_speech_whose_word_boundaries_are_known(mini) -> None:  # 
     assert len(e) == 28
     assert np.median(e, axis=0).max() <= 0.1, e
     assert (e <= 0.2).mean(axis=0).min() >= 0.85, e
+
+
+def test_a_recording_past_the_window_is_cut_and_transcribed(mini, held_out) -> None:  # type: ignore[no-untyped-def]
+    """A 30+ s recording of held-out prompts (1 s apart), as `osum transcribe` reads it: the
+    service's VAD cuts it, the model reads each piece, and the joined text scores as the clips
+    do one by one."""
+    from streaming.longform import transcribe_recording
+
+    gap = np.zeros(16000, np.float32)
+    pieces, texts = [gap], []
+    for audio, text in held_out:
+        pieces += [audio, gap]
+        texts.append(text)
+        if sum(p.size for p in pieces) > 31 * 16000:
+            break
+    recording = np.concatenate(pieces)
+    assert recording.size > 30 * 16000
+    segments = transcribe_recording(mini, recording)
+    assert len(segments) >= len(texts) and all(a.final.end <= b.final.start for a, b in zip(segments, segments[1:]))
+    hyp = " ".join(s.final.transcript for s in segments)
+    assert wer([" ".join(texts)], [hyp]) <= 0.5, (hyp, texts)  # as the streamed tests above

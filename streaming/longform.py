@@ -1,0 +1,103 @@
+"""Long recordings offline: the live session's VAD cuts them into utterances, in-process.
+
+The model's own window is 30 s (Whisper's), so ``osum.inference.recognize`` refuses a longer
+clip. A call recording or a lecture is many utterances: this drives one
+:class:`~streaming.session.Session` over the whole recording, synchronously and as fast as the
+model goes (no event loop, no server), and returns its Finals and Analyses, exactly what a
+client streaming the file would have received (without partials). Utterances longer than the
+model's ``max_utterance_s`` (osum-mini's card: 8 s) are split at a quiet point, as in a live
+stream.
+
+    finals, analyses = transcribe_recording(model, audio, tasks=("gender",))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from osum.errors import InvalidAudioError
+
+from .audio import SAMPLE_RATE, AudioFormat
+from .events import Analysis, Error, Final
+from .session import Session, SessionConfig
+from .work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
+
+__all__ = ["Segment", "transcribe_recording"]
+
+_CHUNK = SAMPLE_RATE  # one second per feed: the session's VAD sees the audio as a stream would
+_TAIL = np.zeros(SAMPLE_RATE // 2, np.float32)  # closing silence, so the last endpoint fires on silence
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One utterance of a recording: its Final and, if tags or a reply were asked for, its Analysis."""
+
+    final: Final
+    analysis: Analysis | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        f = self.final
+        d: dict[str, Any] = {"start": f.start, "end": f.end, "transcript": f.transcript, "confidence": f.confidence,
+                             "reason": f.reason}  # fmt: skip
+        if f.words:
+            d["words"] = [{"start": w.start, "end": w.end, "text": w.text} for w in f.words]
+        if self.analysis is not None:
+            d["tags"] = {k: {"label": v.label, "score": v.score} for k, v in self.analysis.tags.items()}
+            if self.analysis.reply is not None:
+                d["reply"] = self.analysis.reply
+        return d
+
+
+def transcribe_recording(model: Any, audio: np.ndarray, *, tasks: tuple[str, ...] = (), chat: bool = False,
+                         word_times: bool = False, max_new_tokens: int = 200) -> list[Segment]:  # fmt: skip
+    """The utterances of ``audio`` (16 kHz mono float32, any length), in order.
+
+    Args:
+        model: a loaded OSUM model (``osum.loading.load_model``).
+        tasks: tag kinds to compute after each utterance's Final (``emotion``, ``style``,
+            ``events``, ``gender``, ``age``); a kind the model does not support comes back
+            as the label ``unsupported``, as in a live stream.
+        chat: also the model's reply to each utterance (STTC).
+        word_times: each Final's words with their times (models with a word aligner).
+        max_new_tokens: the most tokens of one utterance's transcript.
+
+    Raises:
+        InvalidAudioError: audio that is not a 1-D float array; InvalidConfigError: an unknown tag kind.
+    """
+    x = np.asarray(audio)
+    if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
+        raise InvalidAudioError(f"expected 1-D float audio at {SAMPLE_RATE} Hz, got shape {x.shape} of {x.dtype}")
+    x = np.clip(np.nan_to_num(x.astype(np.float32)), -1.0, 1.0)
+    cfg = SessionConfig(audio=AudioFormat(encoding="float32"), interim_results=False, tasks=tasks, chat=chat,
+                        word_times=word_times)  # fmt: skip
+    s = Session("recording", cfg, model)
+    finals: list[Final] = []
+    analyses: dict[int, Analysis] = {}
+
+    def pump() -> None:
+        while (req := s.next_work()) is not None:
+            if isinstance(req, PartialRequest):  # not asked for; kept for a session that makes them
+                s.apply(req, run_partials(model, [req])[0])
+            elif isinstance(req, FinalRequest):
+                s.apply(req, run_finals(model, [req], max_new_tokens)[0])
+            else:
+                assert isinstance(req, AnalysisRequest)
+                s.apply(req, run_analyses(model, [req])[0])
+        for ev in s.drain():
+            if isinstance(ev, Final):
+                finals.append(ev)
+            elif isinstance(ev, Analysis):
+                analyses[ev.utterance_id] = ev
+            elif isinstance(ev, Error) and ev.fatal:
+                raise InvalidAudioError(f"{ev.code}: {ev.message}")
+
+    x = np.concatenate([x, _TAIL])
+    for i in range(0, x.size, _CHUNK):
+        s.feed(x[i : i + _CHUNK].tobytes())
+        pump()
+    s.end_of_stream()
+    pump()
+    return [Segment(f, analyses.get(f.utterance_id)) for f in finals if f.transcript or f.utterance_id in analyses]
