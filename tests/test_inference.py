@@ -122,3 +122,8 @@ def test_cli_cuts_a_long_recording_into_its_utterances(tmp_path: Path, capsys: p
     # short files stay whole unless asked
     assert main(["transcribe", str(SAMPLE_CLIP), "--model", "tiny", "--segment", "--max-new-tokens", "3"]) == 0
     assert "1 utterance)" in capsys.readouterr().out
+    # tags of each utterance, under the session's names for the task's kinds (VED's "event")
+    assert main(["transcribe", str(SAMPLE_CLIP), "--model", "tiny", "--segment", "--task", "ved", "--json",
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    (seg,) = json.loads(capsys.readouterr().out.strip())["segments"]
+    assert list(seg["tags"]) == ["events"] and seg["tags"]["events"]["label"]
