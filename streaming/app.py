@@ -44,10 +44,12 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from osum.decoding import DecodingOptions
 from osum.errors import InvalidConfigError
 
 from .auth import Authenticator
 from .engine import Engine, EngineOptions
+from .scheduler import SchedulerOptions
 from .store import InMemoryStore, RedisStore, SessionStore
 
 __all__ = ["main", "run"]
@@ -200,7 +202,7 @@ async def run(args: argparse.Namespace) -> int:
                                       redis=store.redis if args.keys_in_redis and isinstance(store, RedisStore) else None)  # fmt: skip
     (log.info if auth.enabled else log.warning)(auth.describe())
     opts = EngineOptions(max_sessions=args.max_sessions, max_sessions_per_key=args.max_sessions_per_key,
-                         max_session_s=args.max_session_s)  # fmt: skip
+                         max_session_s=args.max_session_s, scheduler=SchedulerOptions(final_decoding=final_decoding(args)))  # fmt: skip
     if model is None:
         from .null_engine import NullEngine
 
@@ -243,6 +245,17 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def final_decoding(args: argparse.Namespace) -> DecodingOptions | None:
+    """How Finals decode, from ``--final-beam`` / ``--final-osum-decoding``; None: greedy."""
+    if args.final_osum_decoding:
+        return DecodingOptions.osum_paper()
+    if args.final_beam < 1:
+        raise InvalidConfigError(f"--final-beam must be >= 1, got {args.final_beam}")
+    if args.final_beam > 1:
+        return DecodingOptions(beam_size=args.final_beam)
+    return None
+
+
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when asked for or (auto) installed; None: asyncio's own."""
     if choice == "asyncio":
@@ -265,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                          "auto: int8 for osum-mini on CPU, where it was measured to cost no accuracy")
     ap.add_argument("--engine", choices=("model", "null"), default="model",
                     help="null: no model, placeholder events (load tests of the service itself)")
+    ap.add_argument("--final-beam", type=int, default=1,
+                    help="decode each Final by beam search of this size (1: greedy, verifying the last partial; "
+                         "a beam costs several times the final pass: osum-mini measured no better with 4)")
+    ap.add_argument("--final-osum-decoding", action="store_true",
+                    help="decode each Final with OSUM's released beam-sampling settings (seeded), "
+                         "as `osum transcribe --osum-decoding`")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--grpc-port", type=int, default=50051)
     ap.add_argument("--ws-port", type=int, default=8080)
@@ -288,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise InvalidConfigError(f"--workers must be >= 1, got {args.workers}")
+        final_decoding(args)  # refused before a model loads
         if args.workers > 1 and args.worker_index is None:
             from .workers import supervise
 

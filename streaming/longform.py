@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from osum.audio import MAX_FILE_SECONDS, prepare_audio
+from osum.decoding import DecodingOptions
 from osum.errors import InvalidAudioError
 from osum.tasks import Task
 
@@ -61,7 +62,8 @@ def session_tasks(task: Task) -> tuple[str, ...]:
 
 
 def transcribe_recording(model: Any, audio: np.ndarray, *, tasks: tuple[str, ...] = (), chat: bool = False,
-                         word_times: bool = False, max_new_tokens: int = 200) -> list[Segment]:  # fmt: skip
+                         word_times: bool = False, max_new_tokens: int = 200,
+                         decoding: DecodingOptions | None = None) -> list[Segment]:  # fmt: skip
     """The utterances of ``audio`` (16 kHz mono, up to ``MAX_FILE_SECONDS``), in order.
 
     Args:
@@ -72,6 +74,9 @@ def transcribe_recording(model: Any, audio: np.ndarray, *, tasks: tuple[str, ...
         chat: also the model's reply to each utterance (STTC).
         word_times: each Final's words with their times (models with a word aligner).
         max_new_tokens: the most tokens of one utterance's transcript.
+        decoding: how each utterance's transcript is decoded (beam search, OSUM's beam
+            sampling); None: greedy, as the live service decodes by default. Each utterance's
+            transcript is then what offline recognition of its segment gives with the same options.
 
     Raises:
         InvalidAudioError / AudioTooLongError: as ``osum.audio.prepare_audio`` (empty, non-finite,
@@ -89,7 +94,7 @@ def transcribe_recording(model: Any, audio: np.ndarray, *, tasks: tuple[str, ...
             if isinstance(req, PartialRequest):  # not asked for; kept for a session that makes them
                 s.apply(req, run_partials(model, [req])[0])
             elif isinstance(req, FinalRequest):
-                s.apply(req, run_finals(model, [req], max_new_tokens)[0])
+                s.apply(req, run_finals(model, [req], max_new_tokens, decoding)[0])
             else:
                 assert isinstance(req, AnalysisRequest)
                 s.apply(req, run_analyses(model, [req])[0])

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from osum.decoding import DecodingOptions
 from osum.errors import OsumError
 
 from .work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
@@ -47,6 +48,11 @@ class SchedulerOptions:
     max_batch: int = 8
     max_wait_ms: float = 5.0
     final_max_tokens: int = 200
+    # how Finals decode: None, greedy (each verifies its session's last partial in one pass);
+    # else these options for every Final, e.g. ``DecodingOptions.osum_paper()`` (OSUM's beam
+    # sampling) or a beam: the transcript offline recognition gives with them, at several
+    # times the final pass's cost and latency (osum-mini, beam 4: no better, docs/osum-mini.md)
+    final_decoding: DecodingOptions | None = None
 
 
 _ORDER = (FinalRequest, AnalysisRequest, PartialRequest)
@@ -70,7 +76,7 @@ class Scheduler:
         device = getattr(model, "device", None)
         self._device_type = getattr(device, "type", "cpu")
         self._runners: dict[type, Callable[[list[Any]], list[Any]]] = {
-            FinalRequest: lambda reqs: run_finals(self.model, reqs, self.opt.final_max_tokens),
+            FinalRequest: lambda reqs: run_finals(self.model, reqs, self.opt.final_max_tokens, self.opt.final_decoding),
             AnalysisRequest: lambda reqs: run_analyses(self.model, reqs),
             PartialRequest: lambda reqs: run_partials(self.model, reqs),
         }

@@ -5,7 +5,8 @@ them on the one model, batching requests of different sessions, and hands the re
 back. Three kinds, by priority:
 
 * :class:`FinalRequest`: the whole utterance through the full-context encoder and a
-  greedy decode: exactly :func:`osum.inference.recognize` with the ASR task.
+  greedy decode (or the server's decoding options: beam search, OSUM's beam sampling):
+  exactly :func:`osum.inference.recognize` with the ASR task and the same options.
 * :class:`AnalysisRequest`: the utterance's tags by closed-set scoring, the Final's
   transcript teacher-forced after each task's prompt; all tasks of all requests in one
   batched pass. Tags the model does not support are ``unsupported``.
@@ -20,7 +21,7 @@ back. Three kinds, by priority:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -106,23 +107,37 @@ class AnalysisResult:
 
 
 @torch.inference_mode()
-def run_finals(model: OsumModel, reqs: list[FinalRequest], max_new_tokens: int = 200) -> list[FinalResult]:
-    # each alone, as offline; the encoder's own output too where word times are asked for
+def run_finals(model: OsumModel, reqs: list[FinalRequest], max_new_tokens: int = 200,
+               decoding: DecodingOptions | None = None) -> list[FinalResult]:  # fmt: skip
+    """The requests' final passes, each utterance encoded alone, as offline.
+
+    ``decoding`` None: greedy, and a request's draft is verified in one pass and decoded only
+    past it (greedy's result either way). Otherwise every request is decoded with those
+    options (beam search, OSUM's beam sampling), alone, its draft unused: exactly
+    :func:`osum.inference.recognize` with the ASR task and the same options. Either way a
+    transcript has at most ``max_new_tokens`` tokens and the budget for its audio's length.
+    """
     speech, speech_len, states = model.encode_each_with_states([log_mel(r.audio) for r in reqs])
-    plain = [b for b, r in enumerate(reqs) if not r.draft]  # no draft: one batched greedy decode
     decoded: dict[int, tuple[list[int], list[float]]] = {}
-    if plain:
-        prompt = task_prompt(model, "asr")
-        sub = speech[plain]
-        hyps = generate(model.llm, model.splice([prompt] * len(plain), sub, speech_len[plain]),
-                        DecodingOptions(max_new_tokens=max_new_tokens), model.cfg.eos_token_id,
-                        row_limits=[budget(reqs[b].audio.size / 16000, max_new_tokens) for b in plain])  # fmt: skip
-        decoded |= {b: (h.tokens, h.token_logprobs) for b, h in zip(plain, hyps)}
-    for b, r in enumerate(reqs):  # with a draft: verify it in one pass, decode only past it
-        if r.draft:
-            tokens, lps, _ = verify_and_decode(model, speech[b, : int(speech_len[b])], [], r.draft,
-                                               budget(r.audio.size / 16000, max_new_tokens))  # fmt: skip
-            decoded[b] = (tokens, lps)
+    prompt = task_prompt(model, "asr")
+    if decoding is not None:
+        opts = replace(decoding, max_new_tokens=min(decoding.max_new_tokens, max_new_tokens))
+        for b, r in enumerate(reqs):  # alone: a beam's search does not depend on its batch
+            (h,) = generate(model.llm, model.splice([prompt], speech[b : b + 1], speech_len[b : b + 1]), opts,
+                            model.cfg.eos_token_id, row_limits=[budget(r.audio.size / 16000, max_new_tokens)])  # fmt: skip
+            decoded[b] = (h.tokens, h.token_logprobs)
+    else:
+        plain = [b for b, r in enumerate(reqs) if not r.draft]  # no draft: one batched greedy decode
+        if plain:
+            hyps = generate(model.llm, model.splice([prompt] * len(plain), speech[plain], speech_len[plain]),
+                            DecodingOptions(max_new_tokens=max_new_tokens), model.cfg.eos_token_id,
+                            row_limits=[budget(reqs[b].audio.size / 16000, max_new_tokens) for b in plain])  # fmt: skip
+            decoded |= {b: (h.tokens, h.token_logprobs) for b, h in zip(plain, hyps)}
+        for b, r in enumerate(reqs):  # with a draft: verify it in one pass, decode only past it
+            if r.draft:
+                tokens, lps, _ = verify_and_decode(model, speech[b, : int(speech_len[b])], [], r.draft,
+                                                   budget(r.audio.size / 16000, max_new_tokens))  # fmt: skip
+                decoded[b] = (tokens, lps)
     out = []
     for b in range(len(reqs)):
         tokens, lps = decoded[b]

@@ -572,3 +572,37 @@ def test_a_session_whose_driver_fails_ends_with_an_internal_error_and_the_others
     assert [(e.code, e.fatal) for e in bad if isinstance(e, Error)] == [("internal", True)]
     assert not any(isinstance(e, Final) for e in bad)
     assert [e for e in good if isinstance(e, Final)] and not any(isinstance(e, Error) for e in good)
+
+
+def test_the_servers_final_decoding_reaches_every_final(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]
+    """`osum-serve --final-osum-decoding` (or `--final-beam N`): the scheduler decodes each
+    Final with those options, as offline recognition with them would; a bad beam is refused
+    before a model loads."""
+    import argparse
+
+    from osum.decoding import DecodingOptions
+    from osum.inference import recognize
+    from streaming.app import final_decoding, main
+
+    paper = final_decoding(argparse.Namespace(final_osum_decoding=True, final_beam=1))
+    assert paper == DecodingOptions.osum_paper()
+    assert final_decoding(argparse.Namespace(final_osum_decoding=False, final_beam=1)) is None  # greedy
+    beam = final_decoding(argparse.Namespace(final_osum_decoding=False, final_beam=3))
+    assert beam is not None and beam.beam_size == 3
+    assert main(["--model", "tiny", "--final-beam", "0"]) == 1  # "cannot start: --final-beam must be >= 1"
+    audio = np.concatenate([SIL, male_clip, SIL])
+
+    async def finals(decoding: DecodingOptions | None) -> list[Final]:
+        engine = Engine(tiny_model, replace(OPTS, scheduler=replace(OPTS.scheduler, final_decoding=decoding)))
+        await engine.start()
+        events = await _collect(await _talk(engine, audio, cfg=replace(CFG, tasks=())))
+        await engine.stop()
+        return [e for e in events if isinstance(e, Final)]
+
+    (ours,) = asyncio.run(finals(paper))
+    (greedy,) = asyncio.run(finals(None))
+    heard = np.frombuffer(_pcm(audio), "<i2").astype(np.float32) / 32768.0
+    seg = heard[round(ours.start * 16000) : round(ours.end * 16000)]
+    opts = replace(paper, max_new_tokens=OPTS.scheduler.final_max_tokens)
+    assert ours.transcript == recognize(tiny_model, [seg], "asr", opts, score_tags=False)[0].transcript
+    assert ours.transcript != greedy.transcript  # the options were used

@@ -127,3 +127,22 @@ def test_cli_cuts_a_long_recording_into_its_utterances(tmp_path: Path, capsys: p
                  "--max-new-tokens", "3"]) == 0  # fmt: skip
     (seg,) = json.loads(capsys.readouterr().out.strip())["segments"]
     assert list(seg["tags"]) == ["events"] and seg["tags"]["events"]["label"]
+
+
+def test_segmented_transcription_decodes_with_the_options_given(capsys: pytest.CaptureFixture[str], tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """`--segment` with `--osum-decoding`: each utterance is what offline recognition of its
+    segment gives with OSUM's settings, not the greedy default's transcript."""
+    from osum.audio import load_audio
+
+    def segments(*flags: str) -> list[dict]:
+        assert main(["transcribe", str(SAMPLE_CLIP), "--model", "tiny", "--segment", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out.strip())["segments"]
+
+    (paper,) = segments("--osum-decoding")
+    (greedy,) = segments("--max-new-tokens", "400")
+    assert (paper["start"], paper["end"]) == (greedy["start"], greedy["end"])
+    audio = load_audio(SAMPLE_CLIP)
+    seg = audio[round(paper["start"] * 16000) : round(paper["end"] * 16000)]
+    offline = recognize(tiny_model, [seg], "asr", DecodingOptions.osum_paper(), score_tags=False)[0]
+    assert paper["transcript"] == offline.transcript
+    assert paper["transcript"] != greedy["transcript"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -74,6 +76,37 @@ def test_event_order_and_finals_equal_offline(tiny_model, male_clip, female_clip
     analysis = [e for e in events if isinstance(e, Analysis)][0]
     assert set(analysis.tags) == {"emotion", "gender"}
     assert sum(analysis.tags["emotion"].scores.values()) == pytest.approx(1.0, abs=1e-4)  # type: ignore[union-attr]
+
+
+def test_finals_decode_with_the_servers_options_as_offline(tiny_model, male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]
+    """Finals with decoding options (OSUM's beam sampling here) are offline recognition of
+    their segment with the same options, not the greedy draft path's transcript."""
+    x = np.concatenate([SIL, male_clip, SIL, SIL, female_clip, SIL])
+    pcm_x = (np.clip(x, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768.0
+    paper = replace(DecodingOptions.osum_paper(), max_new_tokens=FINAL_TOKENS)
+    s = Session("s", SessionConfig(max_partial_tokens=6, tasks=()), tiny_model)
+    events, pcm = [], (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+    for i in range(0, len(pcm) + 1, 3200):
+        if i < len(pcm):
+            s.feed(pcm[i : i + 3200])
+        else:
+            s.end_of_stream()
+        while (req := s.next_work()) is not None:
+            if isinstance(req, PartialRequest):
+                s.apply(req, run_partials(tiny_model, [req])[0])
+            else:
+                assert isinstance(req, FinalRequest) and req.draft  # a draft there was, and it goes unused
+                s.apply(req, run_finals(tiny_model, [req], FINAL_TOKENS, paper)[0])
+        events += s.drain()
+    finals = [e for e in events if isinstance(e, Final)]
+    assert [f.utterance_id for f in finals] == [0, 1]
+    differs = 0
+    for f in finals:
+        seg = pcm_x[round(f.start * 16000) : round(f.end * 16000)]
+        assert f.transcript == recognize(tiny_model, [seg], "asr", paper, score_tags=False)[0].transcript
+        greedy = recognize(tiny_model, [seg], "asr", DecodingOptions(max_new_tokens=FINAL_TOKENS), score_tags=False)[0]
+        differs += f.transcript != greedy.transcript
+    assert differs  # the options were used: greedy reads these segments otherwise
 
 
 def test_committed_text_only_grows(tiny_model, male_clip) -> None:  # type: ignore[no-untyped-def]

@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--per-speaker", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: the LLM's linear layers in int8")
+    ap.add_argument("--beam", type=int, default=1, help="transcription's beam size (1: greedy, as the service decodes)")
     ap.add_argument("--no-gender", action="store_true", help="skip the gender measurement")
     ap.add_argument("--hypotheses", type=Path, help="write each prompt's reference and both transcripts (JSON lines)")
     ap.add_argument("--card", action="store_true",
@@ -99,8 +100,8 @@ def main() -> None:
         card = own_card(args.overlay)
         if card is None:
             ap.error(f"--card: {args.overlay} has no card of its own (export it with python -m osum.train.export)")
-        if args.limit or args.no_gender:
-            ap.error("--card measures everything: not with --limit or --no-gender")
+        if args.limit or args.no_gender or args.beam != 1:
+            ap.error("--card measures what is served: not with --limit, --no-gender or --beam")
     torch.set_num_threads(args.threads)
 
     rss0 = rss_bytes()
@@ -120,7 +121,7 @@ def main() -> None:
             print(f"skipped {p.name}: over 30 s")
     tests = kept
     seconds = sum(len(a) for a in audios) / 16000
-    opts = DecodingOptions(max_new_tokens=120)
+    opts = DecodingOptions(beam_size=args.beam, max_new_tokens=120)
     t0 = time.perf_counter()
     ours = [recognize(model, [a], "asr", opts, score_tags=False)[0].transcript or "" for a in audios]
     rtf = (time.perf_counter() - t0) / seconds
@@ -150,7 +151,7 @@ def main() -> None:
     macro = float(np.mean([p[3] for p in per])) if per else float("nan")
 
     print(f"osum-mini evaluation: {len(tests)} held-out real prompts ({seconds:.0f} s), overlay {args.overlay}, "
-          f"LLM {'int8' if args.quantize == 'int8' else 'fp32'}")  # fmt: skip
+          f"LLM {'int8' if args.quantize == 'int8' else 'fp32'}, {'greedy' if args.beam == 1 else f'beam {args.beam}'}")  # fmt: skip
     print(f"{'measure':34} {'osum-mini':>10} {'target':>16}  reference")
     print(f"{'WER, held-out real speech':34} {w_ours:10.1%} {'<= ' + format(1.25 * w_base, '.1%'):>16}  Whisper base {w_base:.1%}")
     print(f"{'  per prompt, capped at 100 %':34} {capped:10.1%} {'':>16}  Whisper base {capped_wer(refs, theirs):.1%}")
