@@ -430,6 +430,43 @@ def test_no_real_training_item_says_a_test_prompts_sentence() -> None:
     assert "" in train  # the silence files
 
 
+def test_a_validation_split_is_held_out_like_the_test_split() -> None:
+    """`build --validation`: ~1 in 6 real prompts of 3+ words become "validation", none a test prompt;
+    no training item (real prompt, speed variant, joined turn, synthetic sentence) says a
+    validation or test sentence; the test split is the same as without it."""
+    from osum.train.data import _items, corpus, normalize, real_variants
+
+    plain = [it for it in _items(seed=0, n_synth=0) if it["id"].startswith("real/")]
+    items = [it for it in _items(seed=0, n_synth=0, validation=True) if it["id"].startswith("real/")]
+    by_split = {k: [it for it in items if it["split"] == k] for k in ("train", "validation", "test")}
+    assert [it["id"] for it in by_split["test"]] == [it["id"] for it in plain if it["split"] == "test"]
+    assert 25 <= len(by_split["validation"]) <= 60
+    # a silence file's or a tone's text normalises to "": no sentence, and silence files stay in training
+    held = {normalize(it["text"]) for k in ("validation", "test") for it in by_split[k]} - {""}
+    assert [it["id"] for it in by_split["train"] if normalize(it["text"]) in held] == []
+    assert len(by_split["train"]) < sum(it["split"] == "train" for it in plain) - 20
+    variants = list(real_variants(seed=0, n_joined=40, validation=True))
+    assert [v["id"] for v in variants if any(normalize(t) in held for t in v["texts"])] == []
+    texts = corpus(seed=0, n_templates=10, validation=True)
+    assert [t for t in texts if normalize(t) in held] == []
+    assert len(texts) < len(corpus(seed=0, n_templates=10))
+
+
+def test_in_run_evaluation_reads_the_split_asked_for(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, model = tiny_run
+    items = [json.loads(line) for line in (Path(cfg.data) / "manifest.0.jsonl").read_text().splitlines()]
+    with pytest.raises(ValueError, match="--validation"):  # no such split in this data
+        _trainer(tmp_path / "r0", replace(cfg, eval_split="validation"), model)
+    items[0]["split"] = items[-1]["split"] = "validation"
+    (Path(cfg.data) / "manifest.0.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    tr = _trainer(tmp_path / "r1", replace(cfg, eval_split="validation"), model)
+    assert [it["id"] for it in tr.test_items] == [items[0]["id"], items[-1]["id"]]
+    assert items[0]["id"] not in {it["id"] for it in tr.train_items}
+    assert [it["id"] for it in _trainer(tmp_path / "r2", cfg, model).test_items] == [f"x{i}" for i in range(4, 7)]
+    with pytest.raises(ValueError, match="eval_split"):
+        replace(cfg, eval_split="dev")
+
+
 def test_a_resumed_build_adds_no_duplicates_when_shards_shift(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Items already in any shard's manifest are not built again, even where a changed recipe
     (an item dropped) or another shard count moves them to another shard."""
@@ -441,7 +478,7 @@ def test_a_resumed_build_adds_no_duplicates_when_shards_shift(tmp_path: Path, mo
     wav = tmp_path / "a.wav"
     sf.write(str(wav), (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
     items = [{"id": f"real/p{i}", "source": wav, "text": f"prompt {i}", "split": "train"} for i in range(6)]
-    monkeypatch.setattr(data, "_items", lambda seed, n_synth, n_joined=0, edge_pad=0.0: (dict(it) for it in items))
+    monkeypatch.setattr(data, "_items", lambda seed, n_synth, n_joined=0, edge_pad=0.0, validation=False: (dict(it) for it in items))
     out = tmp_path / "data"
     for shard in (0, 1):
         data.build(out, 0, shard=shard, n_shards=2)

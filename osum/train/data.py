@@ -9,6 +9,11 @@ The recipe (rebuild it with ``python -m osum.train.data build DIR``):
   Other recordings of a test prompt's sentence are therefore left out of training (until
   2026-12-03 four were in it).
   Bracketed entries (tones, beeps) are dropped.
+  ``--validation`` also sets apart a **validation split** (3+ words, ``sha1(name) % 6 == 1``,
+  so never a test prompt; 52 prompts): not trained on either, under the same rule, and what a
+  run's in-run evaluation reads with ``eval_split: "validation"``, so that steps and settings
+  are chosen without the test prompts. It is clean only for a run that never trained on
+  those prompts (one from the CTC stage on such data, not a continuation of weights that did).
 * **Text** for synthesis: sentences of 3-20 words from Debian ``fortunes``, the training
   prompts' transcripts, and call-center / phone-menu sentences from templates with random
   numbers, amounts, dates, names and times (``TEMPLATES``; written for this project, not
@@ -49,8 +54,8 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE, resample, trim_silence
 
-__all__ = ["RealPrompt", "real_prompts", "is_test", "normalize", "corpus", "synthesize", "augment",
-           "real_variants", "build"]
+__all__ = ["RealPrompt", "real_prompts", "is_test", "is_validation", "held_out", "normalize", "corpus", "synthesize",
+           "augment", "real_variants", "build"]
 
 ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 ASTERISK_TEXT = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
@@ -93,15 +98,31 @@ def real_prompts(root: Path = ASTERISK_DIR, transcripts: Path = ASTERISK_TEXT) -
     return out
 
 
+def _name_hash(prompt: RealPrompt) -> int:
+    return int(hashlib.sha1(prompt.name.encode()).hexdigest(), 16)
+
+
 def is_test(prompt: RealPrompt) -> bool:
     """The fixed held-out split: 3+ words and sha1(name) % 3 == 0."""
-    return len(prompt.text.split()) >= 3 and int(hashlib.sha1(prompt.name.encode()).hexdigest(), 16) % 3 == 0
+    return len(prompt.text.split()) >= 3 and _name_hash(prompt) % 3 == 0
 
 
-def held_out_texts(prompts: list[RealPrompt]) -> set[str]:
-    """Normalised sentences of the held-out prompts: nothing trained on may say one of them,
-    whichever recording it comes from (Asterisk has several of some sentences)."""
-    return {normalize(p.text) for p in prompts if is_test(p)} - {""}
+def is_validation(prompt: RealPrompt) -> bool:
+    """The validation split (``build --validation``): 3+ words and sha1(name) % 6 == 1,
+    hence never a test prompt (% 3 == 1)."""
+    return len(prompt.text.split()) >= 3 and _name_hash(prompt) % 6 == 1
+
+
+def held_out(prompt: RealPrompt, validation: bool = False) -> bool:
+    """Not trained on: a test prompt, or (``validation``) a validation prompt."""
+    return is_test(prompt) or (validation and is_validation(prompt))
+
+
+def held_out_texts(prompts: list[RealPrompt], validation: bool = False) -> set[str]:
+    """Normalised sentences of the held-out prompts (test, and validation if asked): nothing
+    trained on may say one of them, whichever recording it comes from (Asterisk has several
+    of some sentences)."""
+    return {normalize(p.text) for p in prompts if held_out(p, validation)} - {""}
 
 
 def _fortune_sentences() -> list[str]:
@@ -168,12 +189,12 @@ def _fill(template: str, rng: random.Random) -> str:
     )  # fmt: skip
 
 
-def corpus(seed: int, n_templates: int = 3000) -> list[str]:
-    """Training sentences: fortunes + training prompts + filled templates; test texts removed."""
+def corpus(seed: int, n_templates: int = 3000, validation: bool = False) -> list[str]:
+    """Training sentences: fortunes + training prompts + filled templates; held-out texts removed."""
     rng = random.Random(seed)
     prompts = real_prompts()
-    test = held_out_texts(prompts)
-    texts = _fortune_sentences() + [p.text for p in prompts if not is_test(p)]
+    test = held_out_texts(prompts, validation)
+    texts = _fortune_sentences() + [p.text for p in prompts if not held_out(p, validation)]
     texts += [_fill(rng.choice(TEMPLATES), rng) for _ in range(n_templates)]
     # an empty normalised text is a silence file's "(3 seconds of silence)": no sentence to speak
     return [t for t in dict.fromkeys(texts) if (n := normalize(t)) and n not in test]
@@ -276,20 +297,20 @@ SPEEDS = (0.9, 1.1)
 MAX_JOINED_S = 16.0
 
 
-def real_variants(seed: int, n_joined: int, edge_pad: float = 0.0) -> Iterator[dict]:
+def real_variants(seed: int, n_joined: int, edge_pad: float = 0.0, validation: bool = False) -> Iterator[dict]:
     """Items derived from the real training prompts: each at :data:`SPEEDS`, and ``n_joined``
     turns of 2-5 prompts. ``sources``, ``gaps`` (seconds) and ``speed`` say how to build each.
 
     ``edge_pad`` > 0 gives each turn ``edges``: 0 to ``edge_pad`` seconds of a line's floor
     before and after its trimmed speech, as the endpointer hands the model a segment with
     some silence at each end. The draws come from their own generator, so the turns
-    themselves are those of ``edge_pad`` 0.
+    themselves are those of ``edge_pad`` 0. ``validation``: the validation prompts are held out too.
     """
     if edge_pad < 0:
         raise ValueError("edge_pad must be >= 0")
     prompts = real_prompts()
-    test = held_out_texts(prompts)
-    train = [p for p in prompts if not is_test(p) and (n := normalize(p.text)) and n not in test]
+    test = held_out_texts(prompts, validation)
+    train = [p for p in prompts if not held_out(p, validation) and (n := normalize(p.text)) and n not in test]
     for p in train:
         for f in SPEEDS:
             yield {"id": f"real/speed{f}/{p.name}", "sources": [str(p.path)], "gaps": [], "speed": f,
@@ -331,19 +352,27 @@ def _derived_audio(item: dict) -> np.ndarray:
     return resample(audio, round(SAMPLE_RATE * item["speed"])) if item["speed"] != 1.0 else audio
 
 
-def _items(seed: int, n_synth: int, n_joined: int = 0, edge_pad: float = 0.0) -> Iterator[dict]:
+def _items(seed: int, n_synth: int, n_joined: int = 0, edge_pad: float = 0.0,
+           validation: bool = False) -> Iterator[dict]:  # fmt: skip
     prompts = real_prompts()
-    test = held_out_texts(prompts)
+    test, held = held_out_texts(prompts), held_out_texts(prompts, validation)
     for p in prompts:
-        if not is_test(p) and normalize(p.text) in test:
+        if is_test(p):
+            split = "test"
+        elif normalize(p.text) in test:
             continue  # another recording of a test prompt's sentence (e.g. conf-lockednow, confbridge-locked)
-        split = "test" if is_test(p) else "train"
+        elif validation and is_validation(p):
+            split = "validation"
+        elif normalize(p.text) in held:
+            continue  # another recording of a validation prompt's sentence
+        else:
+            split = "train"
         yield {"id": f"real/{p.name}", "source": p.path, "text": p.text, "gender": "female",
                "speaker": "asterisk-allison", "split": split}  # fmt: skip
     if n_joined:
-        for item in real_variants(seed, n_joined, edge_pad):
+        for item in real_variants(seed, n_joined, edge_pad, validation):
             yield item | {"gender": "female", "speaker": "asterisk-allison", "split": "train"}
-    texts = corpus(seed)
+    texts = corpus(seed, validation=validation)
     rng = random.Random(seed)
     for i in range(n_synth):
         voice = rng.choice(sorted(VOICES))
@@ -352,7 +381,7 @@ def _items(seed: int, n_synth: int, n_joined: int = 0, edge_pad: float = 0.0) ->
 
 
 def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int = 1, n_joined: int = 0,
-          edge_pad: float = 0.0) -> Path:
+          edge_pad: float = 0.0, validation: bool = False) -> Path:
     """Write (or resume writing) the data set into ``out``; returns the manifest path.
 
     Shards let several processes build in parallel (``shard`` of ``n_shards``), each with its
@@ -366,7 +395,7 @@ def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int 
     # changed (a recipe fix that drops items shifts which shard takes which) adds no duplicates
     done = set().union(*(_existing(m) for m in out.glob("manifest.*.jsonl")))
     with manifest.open("a") as m:
-        for k, item in enumerate(_items(seed, n_synth, n_joined, edge_pad)):
+        for k, item in enumerate(_items(seed, n_synth, n_joined, edge_pad, validation)):
             if k % n_shards != shard or item["id"] in done:
                 continue
             path = out / f"{item['id']}.flac"
@@ -413,8 +442,12 @@ def main() -> None:
                     help="add the real training prompts at two speeds and N turns joined from them")
     ap.add_argument("--edge-pad", type=float, default=0.0, metavar="S",
                     help="give each joined turn 0 to S seconds of silence before and after (default 0)")
+    ap.add_argument("--validation", action="store_true",
+                    help="set apart a validation split of real prompts (~1 in 6 of 3+ words), never trained on, "
+                         "for in-run evaluation")
     args = ap.parse_args()
-    print(build(args.out, args.synthetic, args.seed, args.shard, args.shards, args.real_variants, args.edge_pad))
+    print(build(args.out, args.synthetic, args.seed, args.shard, args.shards, args.real_variants, args.edge_pad,
+                args.validation))  # fmt: skip
 
 
 if __name__ == "__main__":

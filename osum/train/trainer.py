@@ -84,6 +84,9 @@ class RunConfig:
     ema: float = 0.0
     eval_every: int = 250
     eval_items: int = 101  # held-out real prompts to decode at each evaluation
+    # which of them: "test" (the prompts the card reports) or "validation" (data built with
+    # ``--validation``: choosing steps and settings on it leaves the test prompts unread)
+    eval_split: str = "test"
     seed: int = 0
     threads: int = 2
 
@@ -94,6 +97,8 @@ class RunConfig:
             raise ValueError(f"real_weight must be > 0, got {self.real_weight}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if self.eval_split not in ("test", "validation"):
+            raise ValueError(f"eval_split must be test or validation, got {self.eval_split!r}")
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -180,7 +185,11 @@ class Trainer:
         items = load_manifest(Path(cfg.data))
         self.feats = load_features(Path(cfg.feats))
         self.train_items = [it for it in items if it["split"] == "train" and it["id"] in self.feats]
-        self.test_items = [it for it in items if it["split"] == "test" and it["id"] in self.feats][: cfg.eval_items]
+        evals = [it for it in items if it["split"] == cfg.eval_split and it["id"] in self.feats]
+        self.test_items = evals[: cfg.eval_items]
+        if cfg.eval_split == "validation" and not self.test_items:
+            raise ValueError(f"no {cfg.eval_split!r} items with features in {cfg.data} "
+                             f"(a validation split needs data built with --validation)")  # fmt: skip
         counts = Counter(t for it in self.train_items for t in self.tok.encode(it["text"], add_special_tokens=False))
         vocab = sorted(t for t, c in counts.items() if c >= cfg.ctc_min_count)
         self.ctc = CTCHead(self.model.llm.get_input_embeddings().weight.detach(), vocab).to(self.device)
