@@ -452,6 +452,27 @@ def test_a_validation_split_is_held_out_like_the_test_split() -> None:
     assert len(texts) < len(corpus(seed=0, n_templates=10))
 
 
+def test_feature_mask_zeroes_whole_channels_in_training_only(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, model = tiny_run
+    t = _trainer(tmp_path / "r", replace(cfg, time_mask=0.0, feature_mask=0.25), model)
+    seen: list[torch.Tensor] = []
+    t.model.down_sample_2.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    items = t.train_items[:3]
+    t._speech(items, train=True)
+    t._speech(items, train=False)
+    D = seen[0].shape[2]
+    for i, it in enumerate(items):
+        n = t.feats[it["id"]].shape[0]
+        dead = (seen[0][i, :n] == 0).all(0)  # channels zero in every frame of this item
+        assert int(dead.sum()) == int(D * 0.25)
+        assert int((seen[0][i, :n] == 0).sum()) == n * int(D * 0.25)  # and nothing else zeroed
+        assert not (seen[1][i, :n] == 0).any()  # evaluation: unmasked
+    masks = [(seen[0][i, : t.feats[it["id"]].shape[0]] == 0).all(0) for i, it in enumerate(items)]
+    assert any(not torch.equal(masks[0], m) for m in masks[1:])  # drawn per item
+    with pytest.raises(ValueError, match="feature_mask"):
+        replace(cfg, feature_mask=1.0)
+
+
 def test_in_run_evaluation_reads_the_split_asked_for(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg, model = tiny_run
     items = [json.loads(line) for line in (Path(cfg.data) / "manifest.0.jsonl").read_text().splitlines()]
