@@ -510,6 +510,26 @@ def test_a_resumed_build_adds_no_duplicates_when_shards_shift(tmp_path: Path, mo
     assert len(ids) == len(set(ids)) == 7 and "real/p6" in ids
 
 
+def test_layer_pools_are_each_layers_output_and_leave_no_hooks() -> None:
+    import copy
+
+    from osum.audio import log_mel
+    from osum.encoder import WhisperEncoder
+    from osum.train.gender_probe import layer_pools, pool
+
+    torch.manual_seed(0)
+    enc = WhisperEncoder(PRESETS["tiny"].encoder).eval()
+    audio = torch.randn(16000) * 0.1
+    with torch.inference_mode():
+        rows = layer_pools(enc, audio)
+        assert rows.shape == (len(enc.encoders), 2 * PRESETS["tiny"].encoder.d_model)
+        assert all(not layer._forward_hooks for layer in enc.encoders)
+        one = copy.deepcopy(enc)  # the first layer's output: an encoder cut after it, without the final norm
+        one.encoders, one.after_norm = one.encoders[:1], torch.nn.Identity()
+        assert torch.allclose(rows[0], pool(one(log_mel(audio)[None])[0][0]), atol=1e-5)
+        assert not torch.allclose(rows[-1], pool(enc(log_mel(audio)[None])[0][0]), atol=1e-3)  # before the norm
+
+
 def test_gender_probe_separates_a_direction_and_cv_holds_speakers_out() -> None:
     from osum.train.gender_probe import fit, pool, speaker_cv
 

@@ -13,11 +13,16 @@ The L2 strength is chosen by leave-one-speaker-out accuracy over the *training* 
 :func:`osum.train.evaluate.gender_sets` are then scored once with the chosen strength. The
 table prints every strength's held-out figure as well, marked, so that nobody has to take
 the choice on trust. Nothing here is served: it is a measurement of the features.
+
+``--layers N`` probes every encoder layer's output instead (N items of each training
+speaker, encoded anew from the data's audio), to ask whether an earlier layer carries
+gender better than the last; the choice is still by training-speaker CV.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -31,7 +36,7 @@ from .data import load_manifest
 from .evaluate import gender_sets
 from .features import load_encoder, load_features
 
-__all__ = ["pool", "fit", "speaker_cv", "main"]
+__all__ = ["pool", "fit", "speaker_cv", "layer_pools", "report", "main"]
 
 STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -76,42 +81,73 @@ def speaker_cv(x: torch.Tensor, y: torch.Tensor, speakers: list[str], strength: 
     return float(np.mean(accs))
 
 
+def layer_pools(enc: torch.nn.Module, audio: torch.Tensor) -> torch.Tensor:
+    """One utterance's pooled outputs of every encoder layer, (n_layers, 2 D): each layer's
+    output as the next layer reads it (the last one before the final layer norm)."""
+    outs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: outs.append(o[0][0])) for layer in enc.encoders]
+    try:
+        enc(log_mel(audio)[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([pool(h) for h in outs])
+
+
+def report(name: str, x: torch.Tensor, y: torch.Tensor, speakers: list[str],
+           held: dict[str, tuple[str, torch.Tensor]]) -> None:  # fmt: skip
+    """Print each strength's training-speaker CV and held-out accuracy; mark the choice by CV."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x = (x - mu) / sd
+    cv = {s: speaker_cv(x, y, speakers, s) for s in STRENGTHS}
+    chosen = max(STRENGTHS, key=lambda s: (cv[s], s))  # ties: the stronger prior
+    for s in STRENGTHS:
+        w, b = fit(x, y, _balanced(speakers), s)
+        per = {n: float(((((t - mu) / sd @ w + b) > 0) == (g == "male")).float().mean()) for n, (g, t) in held.items()}
+        mark = "  <- chosen on training speakers" if s == chosen else ""
+        print(f"{name:>8} {s:12g} {cv[s]:22.1%} {np.mean(list(per.values())):15.1%}  "
+              + " ".join(f"{n} {a:.0%}" for n, a in per.items()) + mark, flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=cache_dir() / "train" / "data")
     ap.add_argument("--feats", type=Path, default=cache_dir() / "train" / "feats")
     ap.add_argument("--base", type=Path, default=cache_dir() / "osum-mini")
     ap.add_argument("--per-speaker", type=int, default=20, help="held-out clips per speaker (as evaluate's)")
+    ap.add_argument("--layers", type=int, default=0, metavar="N",
+                    help="probe every encoder layer instead, on N items of each training speaker read from the "
+                         "data's audio (the cache holds the last layer only)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    feats = load_features(args.feats)
-    items = [it for it in load_manifest(args.data, "train") if it["id"] in feats]
-    x = torch.stack([pool(feats[it["id"]]) for it in items])
+    enc = load_encoder(args.base)
+    if args.layers:
+        rng = random.Random(0)
+        by_speaker: dict[str, list[dict]] = {}
+        for it in load_manifest(args.data, "train"):
+            by_speaker.setdefault(it["speaker"], []).append(it)
+        items = [it for s in sorted(by_speaker) for it in rng.sample(by_speaker[s], min(args.layers, len(by_speaker[s])))]
+        with torch.inference_mode():
+            x = torch.stack([layer_pools(enc, load_audio(args.data / f"{it['id']}.flac")) for it in items])
+            held_x = {n: (g, torch.stack([layer_pools(enc, load_audio(f)) for f in files]))
+                      for n, (g, files) in gender_sets(args.per_speaker).items()}  # fmt: skip
+        inputs = {f"layer {k}": (x[:, k], {n: (g, t[:, k]) for n, (g, t) in held_x.items()}) for k in range(x.shape[1])}
+    else:
+        feats = load_features(args.feats)
+        items = [it for it in load_manifest(args.data, "train") if it["id"] in feats]
+        with torch.inference_mode():
+            held = {n: (g, torch.stack([pool(enc(log_mel(load_audio(f))[None])[0][0]) for f in files]))
+                    for n, (g, files) in gender_sets(args.per_speaker).items()}  # fmt: skip
+        inputs = {"final": (torch.stack([pool(feats[it["id"]]) for it in items]), held)}
     y = torch.tensor([1.0 if it["gender"] == "male" else 0.0 for it in items])
     speakers = [it["speaker"] for it in items]
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    x = (x - mu) / sd
-    print(f"training: {len(items)} items, {len(set(speakers))} speakers "
-          f"({sum(1 for s in set(speakers) if any(sp == s and g for sp, g in zip(speakers, y.tolist(), strict=True)))} male)")  # fmt: skip
-
-    enc = load_encoder(args.base)
-    held: dict[str, tuple[str, torch.Tensor]] = {}
-    with torch.inference_mode():
-        for name, (gender, files) in gender_sets(args.per_speaker).items():
-            rows = [pool(enc(log_mel(load_audio(f))[None])[0][0]) for f in files]
-            held[name] = (gender, (torch.stack(rows) - mu) / sd)
-
-    cv = {s: speaker_cv(x, y, speakers, s) for s in STRENGTHS}
-    chosen = max(STRENGTHS, key=lambda s: (cv[s], s))  # ties: the stronger prior
-    print(f"{'L2 strength':>12} {'CV, training speakers':>22} {'held-out macro':>15}  per held-out speaker")
-    for s in STRENGTHS:
-        w, b = fit(x, y, _balanced(speakers), s)
-        per = {n: float(((((t @ w + b) > 0)) == (g == "male")).float().mean()) for n, (g, t) in held.items()}
-        mark = "  <- chosen on training speakers" if s == chosen else ""
-        print(f"{s:12g} {cv[s]:22.1%} {np.mean(list(per.values())):15.1%}  "
-              + " ".join(f"{n} {a:.0%}" for n, a in per.items()) + mark)  # fmt: skip
+    males = {s for s, g in zip(speakers, y.tolist(), strict=True) if g}
+    print(f"training: {len(items)} items, {len(set(speakers))} speakers ({len(males)} male)")
+    print(f"{'features':>8} {'L2 strength':>12} {'CV, training speakers':>22} {'held-out macro':>15}  per held-out speaker")
+    for name, (x, held) in inputs.items():
+        report(name, x, y, speakers, held)
 
 
 if __name__ == "__main__":
