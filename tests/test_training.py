@@ -499,7 +499,7 @@ def test_a_resumed_build_adds_no_duplicates_when_shards_shift(tmp_path: Path, mo
     wav = tmp_path / "a.wav"
     sf.write(str(wav), (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
     items = [{"id": f"real/p{i}", "source": wav, "text": f"prompt {i}", "split": "train"} for i in range(6)]
-    monkeypatch.setattr(data, "_items", lambda seed, n_synth, n_joined=0, edge_pad=0.0, validation=False: (dict(it) for it in items))
+    monkeypatch.setattr(data, "_items", lambda seed, n_synth, n_joined=0, edge_pad=0.0, validation=False, n_splices=0, aligned=None: (dict(it) for it in items))
     out = tmp_path / "data"
     for shard in (0, 1):
         data.build(out, 0, shard=shard, n_shards=2)

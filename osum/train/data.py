@@ -31,6 +31,10 @@ The recipe (rebuild it with ``python -m osum.train.data build DIR``):
   than one prompt. ``--edge-pad S`` gives each such turn 0 to S seconds of silence at each end
   (the joins are trimmed, while the endpointer's segments carry ~0.05-0.2 s of it).
   Only training prompts whose normalised text is no test prompt's are used.
+* **Spliced turns** (``--real-splices N``, :mod:`osum.train.splice`): ``N`` turns of 2-5
+  spans of a few consecutive words, each cut from a training prompt at a quiet point between
+  words (Whisper base's word times), so that the word sequence is new to the model; none
+  contains a held-out sentence.
 
 Each item is a line of ``manifest.jsonl``: ``{"id", "audio", "text", "gender", "speaker",
 "source", "split"}`` with 16 kHz FLAC audio beside it.
@@ -308,9 +312,7 @@ def real_variants(seed: int, n_joined: int, edge_pad: float = 0.0, validation: b
     """
     if edge_pad < 0:
         raise ValueError("edge_pad must be >= 0")
-    prompts = real_prompts()
-    test = held_out_texts(prompts, validation)
-    train = [p for p in prompts if not held_out(p, validation) and (n := normalize(p.text)) and n not in test]
+    train = training_prompts(validation)
     for p in train:
         for f in SPEEDS:
             yield {"id": f"real/speed{f}/{p.name}", "sources": [str(p.path)], "gaps": [], "speed": f,
@@ -352,8 +354,15 @@ def _derived_audio(item: dict) -> np.ndarray:
     return resample(audio, round(SAMPLE_RATE * item["speed"])) if item["speed"] != 1.0 else audio
 
 
+def training_prompts(validation: bool = False) -> list[RealPrompt]:
+    """The real prompts that may be trained on: not held out, and no held-out prompt's sentence."""
+    prompts = real_prompts()
+    held = held_out_texts(prompts, validation)
+    return [p for p in prompts if not held_out(p, validation) and (n := normalize(p.text)) and n not in held]
+
+
 def _items(seed: int, n_synth: int, n_joined: int = 0, edge_pad: float = 0.0,
-           validation: bool = False) -> Iterator[dict]:  # fmt: skip
+           validation: bool = False, n_splices: int = 0, aligned: dict | None = None) -> Iterator[dict]:  # fmt: skip
     prompts = real_prompts()
     test, held = held_out_texts(prompts), held_out_texts(prompts, validation)
     for p in prompts:
@@ -372,6 +381,11 @@ def _items(seed: int, n_synth: int, n_joined: int = 0, edge_pad: float = 0.0,
     if n_joined:
         for item in real_variants(seed, n_joined, edge_pad, validation):
             yield item | {"gender": "female", "speaker": "asterisk-allison", "split": "train"}
+    if n_splices:
+        from .splice import splices
+
+        for item in splices(seed, n_splices, training_prompts(validation), aligned or {}, held):
+            yield item | {"gender": "female", "speaker": "asterisk-allison", "split": "train"}
     texts = corpus(seed, validation=validation)
     rng = random.Random(seed)
     for i in range(n_synth):
@@ -381,8 +395,12 @@ def _items(seed: int, n_synth: int, n_joined: int = 0, edge_pad: float = 0.0,
 
 
 def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int = 1, n_joined: int = 0,
-          edge_pad: float = 0.0, validation: bool = False) -> Path:
+          edge_pad: float = 0.0, validation: bool = False, n_splices: int = 0, base: Path | None = None) -> Path:
     """Write (or resume writing) the data set into ``out``; returns the manifest path.
+
+    ``n_splices`` > 0 aligns the training prompts' words first (``out/real-words.json``,
+    with the prepared osum-mini ``base``: Whisper base's encoder and decoder), see
+    :mod:`osum.train.splice`.
 
     Shards let several processes build in parallel (``shard`` of ``n_shards``), each with its
     own manifest file; :func:`load_manifest` reads them all.
@@ -394,8 +412,14 @@ def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int 
     # every shard's items, not only this one's: a resumed build whose item order or shard count
     # changed (a recipe fix that drops items shifts which shard takes which) adds no duplicates
     done = set().union(*(_existing(m) for m in out.glob("manifest.*.jsonl")))
+    aligned = None
+    if n_splices:
+        from ..loading import cache_dir
+        from .splice import align_prompts
+
+        aligned = align_prompts(training_prompts(validation), base or cache_dir() / "osum-mini", out / "real-words.json")
     with manifest.open("a") as m:
-        for k, item in enumerate(_items(seed, n_synth, n_joined, edge_pad, validation)):
+        for k, item in enumerate(_items(seed, n_synth, n_joined, edge_pad, validation, n_splices, aligned)):
             if k % n_shards != shard or item["id"] in done:
                 continue
             path = out / f"{item['id']}.flac"
@@ -403,6 +427,12 @@ def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int 
             if "source" in item:
                 audio = _read_wav(str(item.pop("source")))
                 item["augment"] = []
+            elif "spans" in item:
+                from .splice import splice_audio
+
+                audio = splice_audio(item)
+                item["augment"] = [f"speed{item['speed']}", "spliced"]
+                item["sources"] = [str(Path(s).relative_to(ASTERISK_DIR)) for s in item["sources"]]
             elif "sources" in item:
                 audio = _derived_audio(item)
                 item["augment"] = [f"speed{item['speed']}"] + (["joined"] if len(item["sources"]) > 1 else [])
@@ -445,9 +475,12 @@ def main() -> None:
     ap.add_argument("--validation", action="store_true",
                     help="set apart a validation split of real prompts (~1 in 6 of 3+ words), never trained on, "
                          "for in-run evaluation")
+    ap.add_argument("--real-splices", type=int, default=0, metavar="N",
+                    help="add N turns spliced from spans of 1-4 words of the real training prompts (osum.train.splice)")
+    ap.add_argument("--base", type=Path, help="the prepared osum-mini base, for --real-splices (default: the cache's)")
     args = ap.parse_args()
     print(build(args.out, args.synthetic, args.seed, args.shard, args.shards, args.real_variants, args.edge_pad,
-                args.validation))  # fmt: skip
+                args.validation, args.real_splices, args.base))  # fmt: skip
 
 
 if __name__ == "__main__":
