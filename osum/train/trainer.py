@@ -559,8 +559,8 @@ def main() -> None:
     # a relative data or feats directory names a sibling of the default ones (a variant data set)
     cfg = dataclasses.replace(cfg, **{k: str(root / "train" / getattr(cfg, k)) for k in ("data", "feats")
                                       if not Path(getattr(cfg, k)).is_absolute()})  # fmt: skip
-    if cfg.init and cfg.init.endswith(".safetensors"):  # shipped weights: a path from here
-        cfg = dataclasses.replace(cfg, init=str(Path(cfg.init).resolve()))
+    if cfg.init and cfg.init.endswith(".safetensors"):  # shipped weights: a path from here (or ~)
+        cfg = dataclasses.replace(cfg, init=str(Path(cfg.init).expanduser().resolve()))
     elif cfg.init and not Path(cfg.init).is_absolute():  # a run name: a sibling of this run
         cfg = dataclasses.replace(cfg, init=str(args.run.parent / cfg.init))
     trainer = Trainer(args.run, cfg)
