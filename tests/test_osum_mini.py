@@ -32,7 +32,8 @@ N_CLIPS = 12
 # Per clip, WER capped at 100 % and averaged, so that one runaway hypothesis (the interim
 # weights loop on some long menu prompts) cannot decide the test alone. On these 12 clips the
 # shipped weights scored 15.2 %, 4 clips exact (run mini-joint3, step 700, int8, 2026-12-02, and
-# again mini-joint-ema2, step 300, 2026-12-04; the weights of 2026-11-25 scored 42.9 %, 1 clip
+# again mini-joint-ema2, step 300, 2026-12-04; mini-joint-splice2, step 300, 2026-12-06: 6.6 %,
+# 5 exact; the weights of 2026-11-25 scored 42.9 %, 1 clip
 # exact; such figures move by several points with numerically tiny changes to the int8
 # arithmetic at this stage of training, docs/osum-mini.md); Whisper base scores 3.8 % WER.
 # Broken weights or loading score near 100 %; the bound (0.55 until 2026-12-04) leaves twice
