@@ -60,6 +60,15 @@ def gender_sets(per_speaker: int, seed: int = 0) -> dict[str, tuple[str, list[Pa
     return sets
 
 
+def _load_within_window(path: str | Path, name: str) -> np.ndarray | None:
+    """The clip's 16 kHz samples, or None (said on stdout) when it is over OSUM's 30 s window."""
+    try:
+        return load_audio(path)
+    except AudioTooLongError:
+        print(f"skipped {name}: over 30 s")
+        return None
+
+
 def unshared(tests: list[RealPrompt], prompts: list[RealPrompt]) -> list[int]:
     """Indices into ``tests`` of the prompts whose normalised sentence no training recording
     in ``prompts`` has (Asterisk records some sentences twice, e.g. ``conf-lockednow`` and
@@ -112,14 +121,9 @@ def main() -> None:
     prompts = real_prompts()
     tests = [p for p in prompts if is_test(p)]
     tests = tests[: args.limit] if args.limit else tests
-    audios, kept = [], []
-    for p in tests:
-        try:
-            audios.append(load_audio(p.path))
-            kept.append(p)
-        except AudioTooLongError:  # over the 30 s window; the data build drops it too
-            print(f"skipped {p.name}: over 30 s")
-    tests = kept
+    # over the 30 s window: skipped (the data build drops such prompts too)
+    loaded = [(p, a) for p in tests if (a := _load_within_window(p.path, p.name)) is not None]
+    tests, audios = [p for p, _ in loaded], [a for _, a in loaded]
     seconds = sum(len(a) for a in audios) / 16000
     opts = DecodingOptions(beam_size=args.beam, max_new_tokens=120)
     t0 = time.perf_counter()
@@ -142,19 +146,15 @@ def main() -> None:
 
     per: list[tuple[str, str, int, float]] = []
     for spk, (gender, files) in ({} if args.no_gender else gender_sets(args.per_speaker)).items():
-        hits = n = 0
-        for f in files:
-            try:
-                clip = load_audio(f)
-            except AudioTooLongError:  # skipped after sampling, so that smaller samples stay the same clips
-                print(f"skipped {f.name} ({spk}): over 30 s")
-                continue
+        # skipped after sampling, so that a smaller --per-speaker keeps the same clips
+        clips = [a for f in files if (a := _load_within_window(f, f"{f.name} ({spk})")) is not None]
+        hits = 0
+        for clip in clips:
             r = recognize(model, [clip], "sgc", DecodingOptions(max_new_tokens=60))[0]
             # what a user sees: a missing or invalid tag counts as wrong
             hits += bool(r.tags) and r.tags[0].valid and r.tags[0].label == gender
-            n += 1
-        if n:
-            per.append((spk, gender, n, hits / n))
+        if clips:
+            per.append((spk, gender, len(clips), hits / len(clips)))
     macro = float(np.mean([p[3] for p in per])) if per else float("nan")
 
     print(f"osum-mini evaluation: {len(tests)} held-out real prompts ({seconds:.0f} s), overlay {args.overlay}, "
