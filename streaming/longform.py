@@ -32,7 +32,9 @@ from .work import _KIND, AnalysisRequest, FinalRequest, PartialRequest, run_anal
 __all__ = ["Segment", "session_tasks", "transcribe_recording"]
 
 _CHUNK = SAMPLE_RATE  # one second per feed: the session's VAD sees the audio as a stream would
-_TAIL = np.zeros(SAMPLE_RATE // 2, np.float32)  # closing silence, so the last endpoint fires on silence
+# closing silence, longer than the endpointer's default min_silence_ms (600) and speech pad (96),
+# so that the last utterance ends on silence as it would live, not at the end of the stream
+_TAIL = np.zeros(SAMPLE_RATE, np.float32)
 
 
 @dataclass(frozen=True)
