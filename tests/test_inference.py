@@ -146,3 +146,20 @@ def test_segmented_transcription_decodes_with_the_options_given(capsys: pytest.C
     offline = recognize(tiny_model, [seg], "asr", DecodingOptions.osum_paper(), score_tags=False)[0]
     assert paper["transcript"] == offline.transcript
     assert paper["transcript"] != greedy["transcript"]
+
+
+def test_transcribe_segments_clips_past_the_cards_max_utterance(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """`osum transcribe` reads a clip whole up to the model card's ``max_utterance_s`` and cuts
+    a longer one into utterances, as the service does; without a limit, only past 30 s."""
+    from osum.cli import segmented
+
+    clip, long = np.zeros(5 * 16000, np.float32), np.zeros(12 * 16000, np.float32)
+    cfg = tiny_model.cfg
+    assert cfg.max_utterance_s is None
+    assert not segmented(tiny_model, long, False) and segmented(tiny_model, clip, True)
+    assert segmented(tiny_model, np.zeros(31 * 16000, np.float32), False)
+    try:
+        tiny_model.cfg = replace(cfg, max_utterance_s=8.0)
+        assert not segmented(tiny_model, clip, False) and segmented(tiny_model, long, False)
+    finally:
+        tiny_model.cfg = cfg
