@@ -278,7 +278,8 @@ def describe_card(card: dict | None) -> str:
     head = f"run {src.get('run', '?')} step {src.get('step', '?')}; serves {', '.join(card.get('supported_tasks') or [])}"
     if not m:
         return f"{head}; not measured yet"
-    return (f"{head}; held-out WER {m['wer']:.1%} (Whisper base {m['whisper_base_wer']:.1%}, "
+    served = f", {m['served']['wer']:.1%} as served" if m.get("served") else ""
+    return (f"{head}; held-out WER {m['wer']:.1%}{served} (Whisper base {m['whisper_base_wer']:.1%}, "
             f"{m['prompts']} real prompts), gender {m['gender_macro']:.1%} macro, measured {m['date']}")  # fmt: skip
 
 

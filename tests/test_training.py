@@ -554,3 +554,14 @@ def test_gender_probe_separates_a_direction_and_cv_holds_speakers_out() -> None:
     assert speaker_cv(x, perm, speakers, 1e-3) < 0.75
     h = torch.randn(50, 4, generator=g)
     assert torch.allclose(pool(h), torch.cat([h.mean(0), h.std(0)]))
+
+
+def test_the_served_figure_is_logged_with_the_card_when_measured() -> None:
+    """The server's start line gives the WER as served (evaluate --card --served) beside the whole reading."""
+    from osum.loading import describe_card
+
+    measured = {"wer": 0.163, "whisper_base_wer": 0.04, "prompts": 100, "gender_macro": 0.52, "date": "2026-12-06"}
+    card = {"source": {"run": "r", "step": 3}, "supported_tasks": ["asr"], "measured": measured}
+    assert "as served" not in describe_card(card) and "16.3%" in describe_card(card)
+    card["measured"] = measured | {"served": {"wer": 0.149}}
+    assert "held-out WER 16.3%, 14.9% as served" in describe_card(card)

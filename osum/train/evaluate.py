@@ -115,9 +115,11 @@ def main() -> None:
     ap.add_argument("--no-gender", action="store_true", help="skip the gender measurement")
     ap.add_argument("--served", action="store_true",
                     help="also transcribe each prompt as the service does (VAD segments, split at max_utterance_s)")
+    ap.add_argument("--max-utterance-s", type=float, default=None, metavar="S",
+                    help="--served: split past S seconds instead of the card's max_utterance_s (a run's export has none)")
     ap.add_argument("--hypotheses", type=Path, help="write each prompt's reference and both transcripts (JSON lines)")
     ap.add_argument("--card", action="store_true",
-                    help="record the results in the overlay's model card (osum/train/export.py) and serve gender only if it met its target")  # fmt: skip
+                    help="record the results (with --served's) in the overlay's model card (osum/train/export.py) and serve gender only if it met its target")  # fmt: skip
     args = ap.parse_args()
     if args.card:
         from .export import own_card
@@ -125,14 +127,17 @@ def main() -> None:
         card = own_card(args.overlay)
         if card is None:
             ap.error(f"--card: {args.overlay} has no card of its own (export it with python -m osum.train.export)")
-        if args.limit or args.no_gender or args.beam != 1:
-            ap.error("--card measures what is served: not with --limit, --no-gender or --beam")
+        if args.limit or args.no_gender or args.beam != 1 or args.max_utterance_s is not None:
+            ap.error("--card measures what is served: not with --limit, --no-gender, --beam or --max-utterance-s")
+        args.served = True  # a card records the figures a client of the service gets, too
     torch.set_num_threads(args.threads)
 
     rss0 = rss_bytes()
     model = load_base_with_overlay(args.base, args.overlay, quantize=args.quantize == "int8")
     # measuring, not serving: try every task, whatever the weights' card claims (none, for a run's interim weights)
     model.cfg = replace(model.cfg, supported_tasks=None)
+    if args.max_utterance_s is not None:
+        model.cfg = replace(model.cfg, max_utterance_s=args.max_utterance_s)
     rss_model = rss_bytes()
     prompts = real_prompts()
     tests = [p for p in prompts if is_test(p)]
@@ -185,7 +190,8 @@ def main() -> None:
     print(f"{'  prompts without an error':34} {exact:10d} {'':>16}  Whisper base {exact_count(refs, theirs)}")
     print(f"{'  the ' + str(len(keep)) + ' with unshared sentences':34} {w_unshared:10.1%} {'':>16}  Whisper base {w_unshared_base:.1%}")
     if served is not None:
-        print(f"{'WER as served (VAD, split at ' + str(model.cfg.max_utterance_s) + ' s)':34} {wer(refs, served):10.1%}")
+        split = f"split at {model.cfg.max_utterance_s:g} s" if model.cfg.max_utterance_s else "no max_utterance_s"
+        print(f"{'WER as served (VAD, ' + split + ')':34} {wer(refs, served):10.1%}")
         print(f"{'  per prompt, capped at 100 %':34} {capped_wer(refs, served):10.1%}")
         print(f"{'  prompts without an error':34} {exact_count(refs, served):10d}")
         print(f"{'  the ' + str(len(keep)) + ' with unshared sentences':34} {wer([refs[i] for i in keep], [served[i] for i in keep]):10.1%}")
