@@ -44,6 +44,7 @@ __all__ = [
     "prepare_audio",
     "raw_log_mel",
     "resample",
+    "speech_bounds",
 ]
 
 
@@ -101,14 +102,21 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
     return soxr.resample(audio, orig_sr, target_sr, quality="HQ").astype(np.float32)
 
 
-def trim_silence(audio: np.ndarray, margin: int = 800) -> np.ndarray:
-    """``audio`` less its leading and trailing silence (20 ms frames under -40 dBFS), keeping
-    ``margin`` samples (50 ms) either side; a clip with no loud frame comes back whole."""
+def speech_bounds(audio: np.ndarray, margin: int = 0) -> tuple[int, int]:
+    """(start, end) samples of ``audio`` from its first to its last 20 ms frame over -40 dBFS,
+    widened by ``margin`` samples either side within the clip; the whole clip when no frame is loud."""
     frames = audio[: audio.size // 320 * 320].reshape(-1, 320)
     loud = np.flatnonzero(np.sqrt((frames**2).mean(1)) > 0.01)
     if not loud.size:
-        return audio
-    return audio[max(0, loud[0] * 320 - margin) : (loud[-1] + 1) * 320 + margin]
+        return 0, audio.size
+    return max(0, int(loud[0]) * 320 - margin), min(audio.size, (int(loud[-1]) + 1) * 320 + margin)
+
+
+def trim_silence(audio: np.ndarray, margin: int = 800) -> np.ndarray:
+    """``audio`` less its leading and trailing silence (:func:`speech_bounds`), keeping
+    ``margin`` samples (50 ms) either side; a clip with no loud frame comes back whole."""
+    start, end = speech_bounds(audio, margin)
+    return audio[start:end]
 
 
 def prepare_audio(audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE,

@@ -90,7 +90,7 @@ def segmented(model: Any, audio: Any, asked: bool) -> bool:
     as the live service would."""
     from .audio import MAX_SAMPLES, SAMPLE_RATE
 
-    limit = getattr(model.cfg, "max_utterance_s", None)
+    limit = model.cfg.max_utterance_s
     return asked or audio.size > MAX_SAMPLES or (limit is not None and audio.size > limit * SAMPLE_RATE)
 
 

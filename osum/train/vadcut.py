@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
+from ..audio import SAMPLE_RATE, load_audio, speech_bounds
 
 __all__ = ["utterances", "prompt_pieces", "splice_piece"]
 
@@ -88,7 +88,7 @@ def splice_piece(item: dict, audio: np.ndarray) -> np.ndarray | None:
     before, after = (int(rng.uniform(0.3, 1.0) * SAMPLE_RATE) for _ in range(2))
     floor = rng.standard_normal(before + after).astype(np.float32) * 1e-4
     x = np.concatenate([floor[:before], audio.astype(np.float32), floor[before:]])
-    lo, hi = _speech_bounds(audio)
+    lo, hi = speech_bounds(audio)
     first, last = before + lo, before + hi
     stream, cuts = _cuts(x)
     slack = int(0.05 * SAMPLE_RATE)
@@ -97,49 +97,31 @@ def splice_piece(item: dict, audio: np.ndarray) -> np.ndarray | None:
     return stream[cuts[0][0] : cuts[0][1]]
 
 
-def _speech_bounds(audio: np.ndarray) -> tuple[int, int]:
-    """First and last sample of the 20 ms frames over -40 dBFS (``osum.audio.trim_silence``'s
-    rule, without its margin); the whole clip when none is."""
-    frames = audio[: audio.size // 320 * 320].reshape(-1, 320)
-    loud = np.flatnonzero(np.sqrt((frames**2).mean(1)) > 0.01)
-    return (int(loud[0]) * 320, (int(loud[-1]) + 1) * 320) if loud.size else (0, audio.size)
-
-
 def _items(data: Path, splices: range) -> Iterator[tuple[dict, np.ndarray]]:
-    from .data import held_out_texts, load_manifest, normalize, real_prompts
+    from .data import ASTERISK_DIR, held_out_texts, load_manifest, normalize, real_prompts
     from .splice import splice_audio
 
     held = held_out_texts(real_prompts())
     aligned = json.loads((data / "real-words.json").read_text())
-    import soundfile as sf
-
     by_id = {it["id"]: it for it in load_manifest(data)}
 
     for name, entry in sorted(aligned.items()):
         item = by_id.get(f"real/{name}")
         if item is None or item["split"] != "train":
             continue
-        audio, rate = sf.read(str(data / item["audio"]), dtype="float32")
-        assert rate == SAMPLE_RATE
-        for k, (x, text) in enumerate(prompt_pieces(audio, entry["words"])):
+        for k, (x, text) in enumerate(prompt_pieces(load_audio(data / item["audio"]), entry["words"])):
             if not any(f" {h} " in f" {normalize(text)} " for h in held):
                 yield {"id": f"real/vad/{name}/{k}", "text": text, "from": item["id"], "augment": ["vad"]}, x
     for i in splices:
         item = by_id.get(f"real/splice/{i:05d}")
         if item is None:
             continue
-        full = dict(item, sources=[str(Path(s) if Path(s).is_absolute() else _asterisk() / s) for s in item["sources"]])
+        full = dict(item, sources=[str(ASTERISK_DIR / s) for s in item["sources"]])  # the manifest's are relative
         x = splice_piece(item, splice_audio(full))
         if x is not None:
             meta = {"id": f"real/vad/splice/{i:05d}", "text": item["text"], "from": item["id"],
                     "augment": ["vad", "spliced"]}  # fmt: skip
             yield meta, x
-
-
-def _asterisk() -> Path:
-    from .data import ASTERISK_DIR
-
-    return ASTERISK_DIR
 
 
 def build(data: Path, splices: range) -> Path:
