@@ -255,7 +255,9 @@ def test_shared_prompt_loss_equals_splicing_each_row(tiny_run, tmp_path: Path) -
 
 def test_export_ships_fp16_weights_with_a_card_that_claims_only_transcription(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The shipped overlay: fp16, loads to what training produced (fp16 rounding aside), and its
-    card names the run and step and serves transcription only until `evaluate --card` measures it."""
+    card names the run and step, serves transcription only until `evaluate --card` measures it,
+    and carries osum-mini's longest utterance (8 s), so that the export is served as the shipped
+    weights are."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -280,7 +282,10 @@ def test_export_ships_fp16_weights_with_a_card_that_claims_only_transcription(ti
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.startswith(("encoder.", "llm."))}, str(base / "base.safetensors"))
     PRESETS["tiny"].save(base / "config.json")
     loaded = load_base_with_overlay(base, out)
-    assert loaded.cfg.supported_tasks == ("asr",) and loaded.card == card and loaded.cfg.max_utterance_s is None
+    assert loaded.cfg.supported_tasks == ("asr",) and loaded.card == card and loaded.cfg.max_utterance_s == 8.0
+    whole = export_overlay(run, tmp_path / "whole.safetensors", max_utterance_s=None)
+    assert load_base_with_overlay(base, tmp_path / "whole.safetensors").cfg.max_utterance_s is None
+    assert whole["max_utterance_s"] is None
     assert "step 3" in describe_card(loaded.card) and "not measured" in describe_card(loaded.card)
     assert loaded.speech_llama_proj.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.speech_llama_proj.weight, t.model.speech_llama_proj.weight.detach(), atol=1e-3, rtol=1e-3)

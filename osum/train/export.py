@@ -28,7 +28,11 @@ import torch
 from ..errors import CheckpointError
 from ..loading import MINI_OVERLAY, read_card
 
-__all__ = ["export_overlay", "own_card", "write_card", "main"]
+__all__ = ["MAX_UTTERANCE_S", "export_overlay", "own_card", "write_card", "main"]
+
+# the longest utterance the engine gives osum-mini's weights at once: whole turns past 8 s were
+# measured much worse than the same turns split (load_tests/long_turns.py, docs/osum-mini.md)
+MAX_UTTERANCE_S = 8.0
 
 
 def own_card(overlay: Path) -> dict | None:
@@ -48,14 +52,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export_overlay(run: Path, out: Path, weights: str = "best") -> dict:
+def export_overlay(run: Path, out: Path, weights: str = "best", max_utterance_s: float | None = MAX_UTTERANCE_S) -> dict:
     """Write ``run``'s ``best.safetensors`` (or ``latest.safetensors``, or ``last.pt``'s live
     trained parts) to ``out`` in fp16, with a card saying where it came from; returns the card.
     Transcription only until measured.
 
     ``best`` was chosen by WER on the held-out prompts the card then reports (optimistic);
     ``latest`` is the last evaluated step (the moving average where the run keeps one), which
-    no test figure chose."""
+    no test figure chose. ``max_utterance_s`` goes on the card (None: Whisper's 30 s window), so
+    that the engine and ``evaluate --served`` split the export's turns as they split the shipped
+    weights'."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -86,9 +92,7 @@ def export_overlay(run: Path, out: Path, weights: str = "best") -> dict:
     card = {
         "name": "osum-mini",
         "supported_tasks": ["asr"],
-        # the longest utterance the engine gives these weights at once (None: Whisper's window);
-        # set from load_tests/long_turns.py's WER by turn length (docs/osum-mini.md)
-        "max_utterance_s": None,
+        "max_utterance_s": max_utterance_s,
         "source": {
             "run": run.name,
             "weights": weights,
@@ -111,8 +115,10 @@ def main() -> None:
                     help="best: chosen on the held-out prompts; latest: the last evaluated step; last: live weights of last.pt")
     ap.add_argument("--step", type=int, help="the step of best.safetensors, when the run did not record it")
     ap.add_argument("--out", type=Path, default=MINI_OVERLAY)
+    ap.add_argument("--max-utterance-s", type=float, default=MAX_UTTERANCE_S, metavar="S",
+                    help=f"the card's longest utterance read at once (default {MAX_UTTERANCE_S:g}; 0: Whisper's 30 s window)")
     args = ap.parse_args()
-    card = export_overlay(args.run, args.out, args.weights)
+    card = export_overlay(args.run, args.out, args.weights, args.max_utterance_s or None)
     if args.step is not None:
         card["source"]["step"] = args.step
         write_card(args.out, card)

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from ..audio import SAMPLE_RATE, load_audio, speech_bounds
+from .export import MAX_UTTERANCE_S  # the service splits longer turns here
 
 __all__ = ["utterances", "prompt_pieces", "splice_piece"]
 
-MAX_UTTERANCE_S = 8.0  # osum-mini's card: the service splits longer turns here
 _TAIL_S = 1.0  # silence after the audio, so that the last utterance ends on silence as in a stream
 
 
