@@ -570,3 +570,17 @@ def test_the_served_figure_is_logged_with_the_card_when_measured() -> None:
     assert "as served" not in describe_card(card) and "16.3%" in describe_card(card)
     card["measured"] = measured | {"served": {"wer": 0.149}}
     assert "held-out WER 16.3%, 14.9% as served" in describe_card(card)
+
+
+def test_evaluate_names_the_software_and_cpu_its_figures_depend_on() -> None:
+    """The held-out figures are exact on one machine but move across machines (docs/osum-mini.md),
+    so `evaluate` prints, and `--card` records, the versions and the CPU they were measured with."""
+    from importlib.metadata import version
+
+    from osum.train.evaluate import environment
+
+    env = environment()
+    assert env["torch"] == version("torch") and env["transformers"] == version("transformers")
+    assert env["silero-vad"] == version("silero-vad")  # the served figures' endpointer
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
+    json.dumps(env)  # it goes into the card as it is

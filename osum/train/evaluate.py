@@ -20,6 +20,13 @@
   Target: <= 0.5.
 * **Memory**: resident set size of the process with the model loaded for serving.
   Target: <= 2.5 GB.
+
+The figures are exact on one machine (the same weights give the same transcripts run after
+run) but not across machines: a greedy decoder this weak turns the last bits of another CPU's
+kernels into other words (the shipped weights measured 1-2 points apart on two machines,
+docs/osum-mini.md). So the table's first line names the software and CPU (:func:`environment`,
+recorded in the card too), and candidates are compared with the shipped weights measured on
+the same machine.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from ..loading import MINI_OVERLAY, cache_dir, load_base_with_overlay
 from .data import RealPrompt, is_test, normalize, real_prompts
 from .metrics import capped_wer, exact_count, wer
 
-__all__ = ["gender_sets", "rss_bytes", "unshared", "main"]
+__all__ = ["environment", "gender_sets", "rss_bytes", "unshared", "main"]
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 GENDER_TARGET = 0.95  # macro accuracy over held-out real speakers (issue 3's target)
@@ -90,6 +97,26 @@ def served_transcripts(model: object, audios: list[np.ndarray]) -> list[str]:
     from streaming.longform import transcribe_recording
 
     return [" ".join(s.final.transcript for s in transcribe_recording(model, a, max_new_tokens=120)) for a in audios]
+
+
+def environment() -> dict[str, str]:
+    """What the figures depend on beyond the weights: the numeric libraries' versions and the
+    CPU whose kernels ran them (its model and the widest vector ISA torch dispatches to)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "numpy", "silero-vad", "soxr"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            env[pkg] = "not installed"
+    env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")] \
+        if cpuinfo.is_file() else []  # fmt: skip
+    env["cpu"] = f"{names[0]} x{len(names)}" if names else platform.processor() or platform.machine()
+    return env
 
 
 def rss_bytes() -> int:
@@ -186,8 +213,10 @@ def main() -> None:
             per.append((spk, gender, len(clips), hits / len(clips)))
     macro = float(np.mean([p[3] for p in per])) if per else float("nan")
 
+    env = environment()
     print(f"osum-mini evaluation: {len(tests)} held-out real prompts ({seconds:.0f} s), overlay {args.overlay}, "
           f"LLM {'int8' if args.quantize == 'int8' else 'fp32'}, {'greedy' if args.beam == 1 else f'beam {args.beam}'}")  # fmt: skip
+    print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print(f"{'measure':34} {'osum-mini':>10} {'target':>16}  reference")
     print(f"{'WER, held-out real speech':34} {w_ours:10.1%} {'<= ' + format(1.25 * w_base, '.1%'):>16}  Whisper base {w_base:.1%}")
     print(f"{'  per prompt, capped at 100 %':34} {capped:10.1%} {'':>16}  Whisper base {capped_wer(refs, theirs):.1%}")
@@ -216,7 +245,7 @@ def main() -> None:
             "unshared_prompts": len(keep), "unshared_wer": round(w_unshared, 4), "capped_wer": round(capped, 4), "exact": exact, "gender_macro": round(macro, 4),
             "gender": {spk: {"label": g, "n": n, "accuracy": round(acc, 4)} for spk, g, n, acc in per},
             "llm": "int8" if args.quantize == "int8" else "fp32", "rtf": round(rtf, 3), "threads": args.threads,
-            "resident_gb": round(rss_model / 1e9, 2),
+            "resident_gb": round(rss_model / 1e9, 2), "environment": env,
         }  # fmt: skip
         if served_figures is not None:
             card["measured"]["served"] = {
