@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--served", action="store_true",
                     help="also transcribe each prompt as the service does (VAD segments, split at max_utterance_s)")
     ap.add_argument("--max-utterance-s", type=float, default=None, metavar="S",
-                    help="--served: split past S seconds instead of the card's max_utterance_s (a run's export has none)")
+                    help="--served: split past S seconds instead of the card's max_utterance_s (exports before 2026-12-07 have none)")
     ap.add_argument("--hypotheses", type=Path, help="write each prompt's reference and both transcripts (JSON lines)")
     ap.add_argument("--card", action="store_true",
                     help="record the results (with --served's) in the overlay's model card (osum/train/export.py) and serve gender only if it met its target")  # fmt: skip
