@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -318,6 +319,9 @@ def test_a_run_starts_from_shipped_weights(tiny_run, tmp_path: Path) -> None:  #
 
     again = _trainer(tmp_path / "again", replace(joint, init=str(shipped)), model)
     assert again.step == 0
+    # which file it started from, whatever is at that path later: the run keeps its sha256
+    sha = json.loads((tmp_path / "again" / "init.json").read_text())["sha256"]
+    assert sha == hashlib.sha256(shipped.read_bytes()).hexdigest()
     got, want = overlay_state_dict(again.model), overlay_state_dict(first.model)
     assert set(got) == set(want) and any("lora_B" in k for k in got)
     for k in want:  # the overlay is fp16: equal up to its rounding
@@ -326,6 +330,9 @@ def test_a_run_starts_from_shipped_weights(tiny_run, tmp_path: Path) -> None:  #
     assert not torch.allclose(overlay_state_dict(fresh.model)["speech_llama_proj.weight"], want["speech_llama_proj.weight"])
     again.train(say=lambda s: None)  # and it trains on from there
     assert (tmp_path / "again" / "last.pt").is_file()
+    card = export_overlay(tmp_path / "again", tmp_path / "again.safetensors")
+    assert card["source"]["init_sha256"] == sha  # the card says what it continued
+    assert export_overlay(tmp_path / "first", tmp_path / "first.safetensors")["source"]["init_sha256"] is None
 
     ctc_only = tmp_path / "ctc.safetensors"  # weights without this run's LoRA are refused, not half-loaded
     from safetensors.torch import save_file

@@ -89,6 +89,7 @@ def export_overlay(run: Path, out: Path, weights: str = "best", max_utterance_s:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(half, str(out), metadata={k: str(v) for k, v in meta.items()})
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    init = json.loads((run / "init.json").read_text()) if (run / "init.json").is_file() else None
     card = {
         "name": "osum-mini",
         "supported_tasks": ["asr"],
@@ -99,6 +100,8 @@ def export_overlay(run: Path, out: Path, weights: str = "best", max_utterance_s:
             "wer_at_export": float(meta["wer"]) if "wer" in meta else None,
             "step": int(meta["step"]) if "step" in meta else None,
             "run_config": config,
+            # the shipped weights the run started from (its init path names whatever ships later)
+            "init_sha256": init["sha256"] if init else None,
             "exported": dt.date.today().isoformat(),
         },
         "sha256": _sha256(out),

@@ -14,7 +14,8 @@ Two stages, one loop (``python -m osum.train.trainer RUN_DIR [--config FILE]``):
 A run directory holds ``config.json`` (the :class:`RunConfig`), ``log.jsonl``,
 ``loss.png``, ``last.pt`` (everything needed to resume: trainable weights, optimiser,
 step, RNG), ``latest.safetensors`` (the overlay last evaluated) and ``best.safetensors``
-(the one with the best held-out WER so far). The evaluation prompts are the held-out test
+(the one with the best held-out WER so far); a run started from shipped weights also holds
+``init.json`` (that file's path and sha256, which the export's card carries). The evaluation prompts are the held-out test
 prompts (the only real English speech not trained on), so "best" is chosen on the test set
 and its figure is optimistic; "latest" (a step fixed in advance) is not chosen on it.
 Runs on CPU; uses CUDA when available, with identical code.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -216,6 +218,9 @@ class Trainer:
         elif cfg.init and cfg.init.endswith(".safetensors"):
             from safetensors.torch import load_file
 
+            # the init path names whatever ships at the time (osum/weights/...): keep which file it was
+            digest = hashlib.sha256(Path(cfg.init).read_bytes()).hexdigest()
+            (run / "init.json").write_text(json.dumps({"init": cfg.init, "sha256": digest}) + "\n")
             shipped = {k: v.float() for k, v in load_file(cfg.init, device=str(self.device)).items()}
             missing = set(overlay_state_dict(self.model)) - set(shipped)
             if missing:  # e.g. a joint run from an overlay without LoRA, or another model's file
