@@ -113,8 +113,8 @@ def environment() -> dict[str, str]:
             env[pkg] = "not installed"
     env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     cpuinfo = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")] \
-        if cpuinfo.is_file() else []  # fmt: skip
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
     env["cpu"] = f"{names[0]} x{len(names)}" if names else platform.processor() or platform.machine()
     return env
 

@@ -28,7 +28,7 @@ import torch
 from ..errors import CheckpointError
 from ..loading import MINI_OVERLAY, read_card
 
-__all__ = ["MAX_UTTERANCE_S", "export_overlay", "own_card", "write_card", "main"]
+__all__ = ["MAX_UTTERANCE_S", "export_overlay", "file_sha256", "own_card", "write_card", "main"]
 
 # the longest utterance the engine gives osum-mini's weights at once: whole turns past 8 s were
 # measured much worse than the same turns split (load_tests/long_turns.py, docs/osum-mini.md)
@@ -38,7 +38,7 @@ MAX_UTTERANCE_S = 8.0
 def own_card(overlay: Path) -> dict | None:
     """``overlay``'s card if it was written for this very file (its sha256), else None."""
     card = read_card(overlay)
-    return card if card is not None and card.get("sha256") == _sha256(overlay) else None
+    return card if card is not None and card.get("sha256") == file_sha256(overlay) else None
 
 
 def write_card(overlay: Path, card: dict) -> None:
@@ -48,7 +48,8 @@ def write_card(overlay: Path, card: dict) -> None:
     tmp.replace(path)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a weights file: what a card and a run's ``init.json`` name it by."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -104,7 +105,7 @@ def export_overlay(run: Path, out: Path, weights: str = "best", max_utterance_s:
             "init_sha256": init["sha256"] if init else None,
             "exported": dt.date.today().isoformat(),
         },
-        "sha256": _sha256(out),
+        "sha256": file_sha256(out),
         "measured": None,
     }
     write_card(out, card)

@@ -15,10 +15,10 @@ A run directory holds ``config.json`` (the :class:`RunConfig`), ``log.jsonl``,
 ``loss.png``, ``last.pt`` (everything needed to resume: trainable weights, optimiser,
 step, RNG), ``latest.safetensors`` (the overlay last evaluated) and ``best.safetensors``
 (the one with the best held-out WER so far); a run started from shipped weights also holds
-``init.json`` (that file's path and sha256, which the export's card carries). The evaluation prompts are the held-out test
-prompts (the only real English speech not trained on), so "best" is chosen on the test set
-and its figure is optimistic; "latest" (a step fixed in advance) is not chosen on it.
-Runs on CPU; uses CUDA when available, with identical code.
+``init.json`` (that file's path and sha256, which the export's card carries). The evaluation
+prompts are the held-out test prompts (the only real English speech not trained on), so
+"best" is chosen on the test set and its figure is optimistic; "latest" (a step fixed in
+advance) is not chosen on it. Runs on CPU; uses CUDA when available, with identical code.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -218,8 +217,10 @@ class Trainer:
         elif cfg.init and cfg.init.endswith(".safetensors"):
             from safetensors.torch import load_file
 
+            from .export import file_sha256
+
             # the init path names whatever ships at the time (osum/weights/...): keep which file it was
-            digest = hashlib.sha256(Path(cfg.init).read_bytes()).hexdigest()
+            digest = file_sha256(Path(cfg.init))
             (run / "init.json").write_text(json.dumps({"init": cfg.init, "sha256": digest}) + "\n")
             shipped = {k: v.float() for k, v in load_file(cfg.init, device=str(self.device)).items()}
             missing = set(overlay_state_dict(self.model)) - set(shipped)
