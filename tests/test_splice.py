@@ -72,3 +72,36 @@ def test_splices_cut_at_valid_points_keep_text_with_audio_and_avoid_held_out_sen
     assert any(f" {held} " in f" {normalize(it['text'])} " for it in items)
     kept = list(splices(seed=1, n=40, prompts=prompts, aligned=aligned, held={held}))
     assert len(kept) == 40 and not any(f" {held} " in f" {normalize(it['text'])} " for it in kept)
+
+
+@pytest.mark.skipif(not ASTERISK.is_dir(), reason="asterisk-core-sounds-en-wav")
+def test_build_augments_only_the_splices_in_its_range_reproducibly(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import soundfile as sf
+
+    from osum.train import data
+
+    prompts = [p for p in data.training_prompts() if 2 <= len(p.text.split()) <= 8][:12]
+    aligned = {}
+    for p in prompts:
+        x = data._read_wav(str(p.path))
+        words = p.text.split()
+        step = x.size / SR / len(words)
+        times = [(w, k * step, (k + 1) * step) for k, w in enumerate(words)]
+        aligned[p.name] = {"words": [list(t) for t in times], "cuts": cut_points(x, times)}
+    items = list(splices(seed=1, n=5, prompts=prompts, aligned=aligned, held=set()))
+    monkeypatch.setattr(data, "_items", lambda *a, **k: (dict(it) for it in items))
+    for name in ("a", "b"):
+        data.build(tmp_path / name, 0, seed=3, augment_splices=(1, 3))
+    built = {it["id"]: it for it in data.load_manifest(tmp_path / "a")}
+    assert sorted(built) == [it["id"] for it in items]
+    for k, it in enumerate(items):
+        got, _ = sf.read(str(tmp_path / "a" / built[it["id"]]["audio"]), dtype="float32")
+        again, _ = sf.read(str(tmp_path / "b" / built[it["id"]]["audio"]), dtype="float32")
+        assert np.array_equal(got, again)  # seeded by the data seed and the id
+        raw = splice_audio(it)
+        if k in (1, 2):
+            assert "augmented" in built[it["id"]]["augment"]
+            assert got.size != raw.size or np.abs(got - raw).max() > 1e-3
+        else:
+            assert built[it["id"]]["augment"] == [f"speed{it['speed']}", "spliced"]
+            assert got.size == raw.size and np.abs(got - raw).max() < 1e-4  # FLAC's 16 bits

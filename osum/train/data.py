@@ -395,12 +395,16 @@ def _items(seed: int, n_synth: int, n_joined: int = 0, edge_pad: float = 0.0,
 
 
 def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int = 1, n_joined: int = 0,
-          edge_pad: float = 0.0, validation: bool = False, n_splices: int = 0, base: Path | None = None) -> Path:
+          edge_pad: float = 0.0, validation: bool = False, n_splices: int = 0, base: Path | None = None,
+          augment_splices: tuple[int, int] | None = None) -> Path:  # fmt: skip
     """Write (or resume writing) the data set into ``out``; returns the manifest path.
 
     ``n_splices`` > 0 aligns the training prompts' words first (``out/real-words.json``,
     with the prepared osum-mini ``base``: Whisper base's encoder and decoder), see
-    :mod:`osum.train.splice`.
+    :mod:`osum.train.splice`. ``augment_splices`` ``(a, b)``: the splices numbered ``a`` to
+    ``b - 1`` also get the synthetic recipe's :func:`augment` (gain, reverberation, noise,
+    telephone band), seeded by the data seed and the item's id, so that each of the many
+    splices reusing one recorded word hears it in another channel.
 
     Shards let several processes build in parallel (``shard`` of ``n_shards``), each with its
     own manifest file; :func:`load_manifest` reads them all.
@@ -432,6 +436,9 @@ def build(out: Path, n_synth: int, seed: int = 0, shard: int = 0, n_shards: int 
 
                 audio = splice_audio(item)
                 item["augment"] = [f"speed{item['speed']}", "spliced"]
+                if augment_splices and augment_splices[0] <= int(item["id"].rsplit("/", 1)[1]) < augment_splices[1]:
+                    audio, applied = augment(audio, random.Random(f"{seed}/{item['id']}"))
+                    item["augment"] += ["augmented", *applied]
                 item["sources"] = [str(Path(s).relative_to(ASTERISK_DIR)) for s in item["sources"]]
             elif "sources" in item:
                 audio = _derived_audio(item)
@@ -478,9 +485,18 @@ def main() -> None:
     ap.add_argument("--real-splices", type=int, default=0, metavar="N",
                     help="add N turns spliced from spans of 1-4 words of the real training prompts (osum.train.splice)")
     ap.add_argument("--base", type=Path, help="the prepared osum-mini base, for --real-splices (default: the cache's)")
+    ap.add_argument("--augment-splices", metavar="A:B",
+                    help="augment the splices numbered A to B-1 as the synthetic speech is (gain, reverb, noise, "
+                         "telephone band)")
     args = ap.parse_args()
+    span = None
+    if args.augment_splices:
+        a, _, b = args.augment_splices.partition(":")
+        span = (int(a), int(b)) if a.isdigit() and b.isdigit() else (0, 0)
+        if not span[0] < span[1]:
+            ap.error(f"--augment-splices wants A:B with 0 <= A < B, got {args.augment_splices!r}")
     print(build(args.out, args.synthetic, args.seed, args.shard, args.shards, args.real_variants, args.edge_pad,
-                args.validation, args.real_splices, args.base))  # fmt: skip
+                args.validation, args.real_splices, args.base, span))  # fmt: skip
 
 
 if __name__ == "__main__":
