@@ -135,6 +135,16 @@ def test_wer() -> None:
     assert exact_count(refs, hyps) == 1
 
 
+def test_missed_words_split_by_vocabulary() -> None:
+    from osum.train.metrics import missed_words, word_hits
+
+    assert word_hits("a b c d".split(), "a x c".split()) == [True, False, True, False]  # b substituted, d deleted
+    assert word_hits("a b".split(), "z a q b w".split()) == [True, True]  # insertions miss no reference word
+    assert word_hits([], ["a"]) == [] and word_hits(["a"], []) == [False]
+    got = missed_words(["Press one for sales.", "logged on"], ["press 1 for sails", "locked on on on"], {"press", "for", "on"})
+    assert got == {"in": (0, 3), "out": (2, 3)}  # "one" matches "1" once normalised; sales and logged missed
+
+
 def test_trained_overlay_loads_as_a_model(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """What training writes is what the loader reads: base + overlay, LoRA merged."""
     from safetensors.torch import save_file

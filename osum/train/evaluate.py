@@ -16,6 +16,9 @@
   card's ``max_utterance_s`` split at a quiet frame, each segment's Final greedy with the loop
   guard), the transcripts of a prompt's segments joined. This is what a client streaming the
   clip, or the servers' unary Recognize, gets; Whisper base still reads each clip whole.
+* **Missed words by voice vocabulary**: the share of reference words substituted or deleted,
+  for words the real training voice said (in a training prompt) and words it never said,
+  which osum-mini has heard only from synthetic voices; recorded by ``--card``.
 * **RTF** of offline recognition on 2 CPU threads (processing seconds per audio second).
   Target: <= 0.5.
 * **Memory**: resident set size of the process with the model loaded for serving.
@@ -45,8 +48,8 @@ import torch
 from ..audio import load_audio
 from ..errors import AudioTooLongError
 from ..loading import MINI_OVERLAY, cache_dir, load_base_with_overlay
-from .data import RealPrompt, is_test, normalize, real_prompts
-from .metrics import capped_wer, exact_count, wer
+from .data import RealPrompt, is_test, normalize, real_prompts, training_prompts
+from .metrics import capped_wer, exact_count, missed_words, wer
 
 __all__ = ["environment", "gender_sets", "rss_bytes", "unshared", "main"]
 
@@ -186,7 +189,13 @@ def main() -> None:
     keep = unshared(tests, prompts)
     w_unshared = wer([refs[i] for i in keep], [ours[i] for i in keep])
     w_unshared_base = wer([refs[i] for i in keep], [theirs[i] for i in keep])
+    # the words the real training voice said: the model reads those far better than words it
+    # heard only from synthetic voices (docs/osum-mini.md, 2026-12-07)
+    said = {w for p in training_prompts() for w in normalize(p.text).split()}
+    missed = {"osum_mini": missed_words(refs, ours, said), "whisper_base": missed_words(refs, theirs, said)}
     served = served_transcripts(model, audios) if args.served else None
+    if served is not None:
+        missed["osum_mini_served"] = missed_words(refs, served, said)
     served_figures = None if served is None else {
         "wer": wer(refs, served), "capped_wer": capped_wer(refs, served), "exact": exact_count(refs, served),
         "unshared_wer": wer([refs[i] for i in keep], [served[i] for i in keep]),
@@ -228,6 +237,14 @@ def main() -> None:
         print(f"{'  per prompt, capped at 100 %':34} {served_figures['capped_wer']:10.1%}")
         print(f"{'  prompts without an error':34} {served_figures['exact']:10d}")
         print(f"{'  the ' + str(len(keep)) + ' with unshared sentences':34} {served_figures['unshared_wer']:10.1%}")
+    def share(key: str, side: str) -> str:
+        miss, n = missed[key][side]
+        return f"{miss / max(n, 1):.1%}"
+
+    for side, what in (("in", "said"), ("out", "never said")):
+        label = f"  missed: the voice {what} it ({missed['osum_mini'][side][1]})"
+        extra = f", as served {share('osum_mini_served', side)}" if served is not None else ""
+        print(f"{label:34} {share('osum_mini', side):>10} {'':>16}  Whisper base {share('whisper_base', side)}{extra}")
     if per:
         print(f"{'gender accuracy, held-out speakers':34} {macro:10.1%} {'>= 95%':>16}  macro over {len(per)} speakers")
     else:
@@ -246,6 +263,8 @@ def main() -> None:
             "gender": {spk: {"label": g, "n": n, "accuracy": round(acc, 4)} for spk, g, n, acc in per},
             "llm": "int8" if args.quantize == "int8" else "fp32", "rtf": round(rtf, 3), "threads": args.threads,
             "resident_gb": round(rss_model / 1e9, 2), "environment": env,
+            # reference words missed (substituted or deleted), by whether the real training voice said them
+            "missed_words": {k: {"said": list(v["in"]), "never_said": list(v["out"])} for k, v in missed.items()},
         }  # fmt: skip
         if served_figures is not None:
             card["measured"]["served"] = {

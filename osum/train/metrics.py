@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .data import normalize
 
-__all__ = ["capped_wer", "edit_distance", "exact_count", "wer"]
+__all__ = ["capped_wer", "edit_distance", "exact_count", "missed_words", "wer", "word_hits"]
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
@@ -37,3 +37,37 @@ def capped_wer(refs: list[str], hyps: list[str]) -> float:
 def exact_count(refs: list[str], hyps: list[str]) -> int:
     """Utterances transcribed without a word error (after normalisation)."""
     return sum(wer([r], [h]) == 0.0 for r, h in zip(refs, hyps, strict=True))
+
+
+def word_hits(ref: list[str], hyp: list[str]) -> list[bool]:
+    """For each word of ``ref``: whether a minimum-edit alignment with ``hyp`` keeps it
+    (matched, not substituted or deleted). Ties go to a match, then a substitution."""
+    n, m = len(ref), len(hyp)
+    d = [[i + j if i == 0 or j == 0 else 0 for j in range(m + 1)] for i in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]))
+    hits, i, j = [False] * n, n, m
+    while i and j:
+        if d[i][j] == d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]):
+            hits[i - 1] = ref[i - 1] == hyp[j - 1]
+            i, j = i - 1, j - 1
+        elif d[i][j] == d[i - 1][j] + 1:
+            i -= 1  # a deletion: ref[i - 1] stays missed
+        else:
+            j -= 1
+    return hits
+
+
+def missed_words(refs: list[str], hyps: list[str], vocabulary: set[str]) -> dict[str, tuple[int, int]]:
+    """Reference words substituted or deleted (insertions are not counted: they belong to
+    no reference word), split by whether the word is in ``vocabulary`` (normalised):
+    ``{"in": (missed, words), "out": (missed, words)}``."""
+    out = {"in": [0, 0], "out": [0, 0]}
+    for r, h in zip(refs, hyps, strict=True):
+        rw = normalize(r).split()
+        for w, hit in zip(rw, word_hits(rw, normalize(h).split()), strict=True):
+            side = out["in" if w in vocabulary else "out"]
+            side[0] += not hit
+            side[1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
