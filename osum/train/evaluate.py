@@ -242,7 +242,7 @@ def main() -> None:
         return f"{miss / max(n, 1):.1%}"
 
     for side, what in (("in", "said"), ("out", "never said")):
-        label = f"  missed: the voice {what} it ({missed['osum_mini'][side][1]})"
+        label = f"  missed: voice {what} ({missed['osum_mini'][side][1]})"
         extra = f", as served {share('osum_mini_served', side)}" if served is not None else ""
         print(f"{label:34} {share('osum_mini', side):>10} {'':>16}  Whisper base {share('whisper_base', side)}{extra}")
     if per:
