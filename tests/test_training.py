@@ -601,3 +601,30 @@ def test_evaluate_names_the_software_and_cpu_its_figures_depend_on() -> None:
     assert env["silero-vad"] == version("silero-vad")  # the served figures' endpointer
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
     json.dumps(env)  # it goes into the card as it is
+
+
+def test_a_feature_cache_serves_only_the_data_it_was_computed_from(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Augmented splices keep their raw twins' ids: a cache of one data set must not feed another."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from osum.encoder import WhisperEncoder
+    from osum.train import features
+
+    data, other, out = tmp_path / "data", tmp_path / "other", tmp_path / "feats"
+    for d in (data, other):
+        d.mkdir()
+        sf.write(str(d / "a.flac"), (0.1 * np.sin(np.arange(8000) / 5)).astype(np.float32), 16000, format="FLAC")
+        (d / "manifest.0.jsonl").write_text(json.dumps({"id": "x/a", "audio": "a.flac", "split": "train"}) + "\n")
+    torch.manual_seed(0)
+    monkeypatch.setattr(features, "load_encoder", lambda base: WhisperEncoder(PRESETS["tiny"].encoder).eval())
+    assert features.cache_features(data, out, tmp_path, say=lambda s: None) == 1
+    assert set(features.load_features(out, data)) == {"x/a"}
+    with pytest.raises(ValueError, match="its own cache directory"):
+        features.load_features(out, other)
+    with pytest.raises(ValueError, match="its own cache directory"):
+        features.cache_features(other, out, tmp_path, say=lambda s: None)
+    (out / features.SOURCE).unlink()  # a cache from before source.json: taken as is
+    assert set(features.load_features(out, other)) == {"x/a"}

@@ -9,6 +9,7 @@ streaming finals use), and stored in fp16 shards: ``feats.N.pt`` holding
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -20,6 +21,18 @@ from ..encoder import WhisperEncoder
 from .data import load_manifest
 
 __all__ = ["load_encoder", "cache_features", "load_features"]
+
+# which data directory a cache's outputs were computed from: the cache is keyed by item id, and
+# ids repeat across data sets whose audio differs (data-augsplice's augmented splices carry
+# data-splice's ids), so one cache must never serve two data sets
+SOURCE = "source.json"
+
+
+def _check_source(feats: Path, data: Path) -> None:
+    f = feats / SOURCE
+    if f.is_file() and (was := json.loads(f.read_text())["data"]) != str(data.resolve()):
+        raise ValueError(f"{feats} holds the encoder outputs of {was}, not of {data}: "
+                         f"give each data set its own cache directory (features --out, a run's \"feats\")")  # fmt: skip
 
 
 def load_encoder(base_dir: Path) -> WhisperEncoder:
@@ -33,7 +46,11 @@ def load_encoder(base_dir: Path) -> WhisperEncoder:
     return enc.requires_grad_(False)
 
 
-def load_features(root: Path) -> dict[str, torch.Tensor]:
+def load_features(root: Path, data: Path | None = None) -> dict[str, torch.Tensor]:
+    """Every cached output in ``root``; with ``data``, refuses a cache computed from another
+    data directory (a cache written before its ``source.json`` existed is taken as is)."""
+    if data is not None:
+        _check_source(root, data)
     feats: dict[str, torch.Tensor] = {}
     for f in sorted(root.glob("feats.*.pt")):
         feats |= torch.load(f, weights_only=True)
@@ -43,7 +60,9 @@ def load_features(root: Path) -> dict[str, torch.Tensor]:
 @torch.inference_mode()
 def cache_features(data: Path, out: Path, base_dir: Path, shard_size: int = 1000, say=print) -> int:  # type: ignore[no-untyped-def]
     out.mkdir(parents=True, exist_ok=True)
-    have = set(load_features(out))
+    have = set(load_features(out, data))
+    if not (out / SOURCE).is_file():
+        (out / SOURCE).write_text(json.dumps({"data": str(data.resolve())}) + "\n")
     todo = [it for it in load_manifest(data) if it["id"] not in have]
     enc = load_encoder(base_dir)
     n_shard = len(list(out.glob("feats.*.pt")))

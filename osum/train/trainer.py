@@ -190,7 +190,7 @@ class Trainer:
         self.llm_dtype = llm_dtype
         self.tok = self._tokenizer()
         items = load_manifest(Path(cfg.data))
-        self.feats = load_features(Path(cfg.feats))
+        self.feats = load_features(Path(cfg.feats), Path(cfg.data))
         self.train_items = [it for it in items if it["split"] == "train" and it["id"] in self.feats]
         evals = [it for it in items if it["split"] == cfg.eval_split and it["id"] in self.feats]
         self.test_items = evals[: cfg.eval_items]
