@@ -135,7 +135,7 @@ def main() -> None:
                       for n, (g, files) in gender_sets(args.per_speaker).items()}  # fmt: skip
         inputs = {f"layer {k}": (x[:, k], {n: (g, t[:, k]) for n, (g, t) in held_x.items()}) for k in range(x.shape[1])}
     else:
-        feats = load_features(args.feats)
+        feats = load_features(args.feats, args.data)
         items = [it for it in load_manifest(args.data, "train") if it["id"] in feats]
         with torch.inference_mode():
             held = {n: (g, torch.stack([pool(enc(log_mel(load_audio(f))[None])[0][0]) for f in files]))
