@@ -628,3 +628,5 @@ def test_a_feature_cache_serves_only_the_data_it_was_computed_from(tmp_path: Pat
         features.cache_features(other, out, tmp_path, say=lambda s: None)
     (out / features.SOURCE).unlink()  # a cache from before source.json: taken as is
     assert set(features.load_features(out, other)) == {"x/a"}
+    assert features.cache_features(other, out, tmp_path, say=lambda s: None) == 0
+    assert not (out / features.SOURCE).exists()  # and not claimed for the data that happened to extend it

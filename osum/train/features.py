@@ -61,7 +61,7 @@ def load_features(root: Path, data: Path | None = None) -> dict[str, torch.Tenso
 def cache_features(data: Path, out: Path, base_dir: Path, shard_size: int = 1000, say=print) -> int:  # type: ignore[no-untyped-def]
     out.mkdir(parents=True, exist_ok=True)
     have = set(load_features(out, data))
-    if not (out / SOURCE).is_file():
+    if not have:  # a new cache names its data; one from before source.json is not claimed for this data
         (out / SOURCE).write_text(json.dumps({"data": str(data.resolve())}) + "\n")
     todo = [it for it in load_manifest(data) if it["id"] not in have]
     enc = load_encoder(base_dir)
