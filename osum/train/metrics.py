@@ -7,14 +7,19 @@ from .data import normalize
 __all__ = ["capped_wer", "edit_distance", "exact_count", "missed_words", "wer", "word_hits"]
 
 
-def edit_distance(ref: list[str], hyp: list[str]) -> int:
-    prev = list(range(len(hyp) + 1))
+def _table(ref: list[str], hyp: list[str]) -> list[list[int]]:
+    """Levenshtein table: ``d[i][j]`` edits between ``ref[:i]`` and ``hyp[:j]``."""
+    d = [list(range(len(hyp) + 1))]
     for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
+        row = [i] + [0] * len(hyp)
         for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
+            row[j] = min(d[i - 1][j] + 1, row[j - 1] + 1, d[i - 1][j - 1] + (r != h))
+        d.append(row)
+    return d
+
+
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    return _table(ref, hyp)[-1][-1]
 
 
 def wer(refs: list[str], hyps: list[str]) -> float:
@@ -42,12 +47,8 @@ def exact_count(refs: list[str], hyps: list[str]) -> int:
 def word_hits(ref: list[str], hyp: list[str]) -> list[bool]:
     """For each word of ``ref``: whether a minimum-edit alignment with ``hyp`` keeps it
     (matched, not substituted or deleted). Ties go to a match, then a substitution."""
-    n, m = len(ref), len(hyp)
-    d = [[i + j if i == 0 or j == 0 else 0 for j in range(m + 1)] for i in range(n + 1)]
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]))
-    hits, i, j = [False] * n, n, m
+    d = _table(ref, hyp)
+    hits, i, j = [False] * len(ref), len(ref), len(hyp)
     while i and j:
         if d[i][j] == d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]):
             hits[i - 1] = ref[i - 1] == hyp[j - 1]
