@@ -6,8 +6,8 @@ BIN := $(VENV)/bin
 MODEL ?= osum-mini
 
 # Debian packages the tests use: real speech with transcripts (Asterisk's English prompts), Redis,
-# and Chromium with its WebDriver for the browser page test
-APT_TEST := asterisk-core-sounds-en-wav asterisk-core-sounds-en redis-server chromium chromium-driver
+# Chromium with its WebDriver for the browser page test, and flite (a synthetic voice for evaluate --tts)
+APT_TEST := asterisk-core-sounds-en-wav asterisk-core-sounds-en redis-server chromium chromium-driver flite
 
 .PHONY: serve demo test bench-encoder clean
 

@@ -438,6 +438,28 @@ def test_evaluate_names_the_test_prompts_whose_sentence_is_recorded_twice() -> N
 
 
 @pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="asterisk-core-sounds-en-wav")
+def test_evaluate_speaks_the_held_out_sentences_in_a_training_voice_the_same_way_every_run() -> None:
+    """`evaluate --tts VOICE` reads the held-out sentences in a synthetic training voice: one
+    clip per prompt with words (none for a silence file), the same samples run after run (so
+    two weights are compared on the same audio), and another voice says them otherwise."""
+    import numpy as np
+
+    from osum.train.data import is_test, normalize, real_prompts
+    from osum.train.evaluate import tts_clips
+
+    tests = [p for p in real_prompts() if is_test(p)]
+    silent = [p for p in tests if not normalize(p.text)]
+    spoken = [p for p in tests if normalize(p.text)][:2]
+    assert silent, "the held-out split has a silence file (its text has no words)"
+    first, again = tts_clips(spoken + silent, "flite-slt"), tts_clips(spoken + silent, "flite-slt")
+    assert [p.name for p, _ in first] == [p.name for p in spoken]
+    for (_, a), (_, b) in zip(first, again, strict=True):
+        assert a.dtype == np.float32 and a.size > 0.5 * 16000 and np.array_equal(a, b)
+    other = tts_clips(spoken, "flite-rms")
+    assert not any(a.size == b.size and np.allclose(a, b) for (_, a), (_, b) in zip(first, other, strict=True))
+
+
+@pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="asterisk-core-sounds-en-wav")
 def test_no_real_training_item_says_a_test_prompts_sentence() -> None:
     """Asterisk has several recordings of some sentences (conf-lockednow, confbridge-locked):
     one of them held out means none is trained on. Silence files (an empty normalised text)

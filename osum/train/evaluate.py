@@ -19,6 +19,10 @@
 * **Missed words by voice vocabulary**: the share of reference words substituted or deleted,
   for words the real training voice said (in a training prompt) and words it never said,
   which osum-mini has heard only from synthetic voices; recorded by ``--card``.
+* **Read in a synthetic voice** (``--tts VOICE``): the held-out prompts' sentences spoken by
+  one of the training's synthetic voices (:func:`tts_clips`), read whole by both models. The
+  sentences are never trained on in any voice, the voice is: this separates reading new
+  sentences from knowing the real voice (docs/osum-mini.md, 2026-12-07).
 * **RTF** of offline recognition on 2 CPU threads (processing seconds per audio second).
   Target: <= 0.5.
 * **Memory**: resident set size of the process with the model loaded for serving.
@@ -48,10 +52,10 @@ import torch
 from ..audio import load_audio
 from ..errors import AudioTooLongError
 from ..loading import MINI_OVERLAY, cache_dir, load_base_with_overlay
-from .data import RealPrompt, is_test, normalize, real_prompts, training_prompts
+from .data import VOICES, RealPrompt, is_test, normalize, real_prompts, training_prompts
 from .metrics import capped_wer, exact_count, missed_words, wer
 
-__all__ = ["environment", "gender_sets", "rss_bytes", "unshared", "main"]
+__all__ = ["environment", "gender_sets", "rss_bytes", "tts_clips", "unshared", "main"]
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 GENDER_TARGET = 0.95  # macro accuracy over held-out real speakers (issue 3's target)
@@ -91,6 +95,16 @@ def unshared(tests: list[RealPrompt], prompts: list[RealPrompt]) -> list[int]:
     elsewhere = {normalize(p.text) for p in prompts if not is_test(p)}
     # a silence file's empty text is no sentence (and counts no words either way)
     return [i for i, t in enumerate(tests) if not (n := normalize(t.text)) or n not in elsewhere]
+
+
+def tts_clips(tests: list[RealPrompt], voice: str) -> list[tuple[RealPrompt, np.ndarray]]:
+    """Each held-out prompt's sentence spoken by the synthetic training ``voice``
+    (:data:`osum.train.data.VOICES`), clean (no augmentation), at the rate and pitch drawn from
+    the prompt's name, so the same prompt sounds the same in every run. The data recipe keeps
+    these sentences out of the synthetic corpus; a prompt with no words (a silence file) has none."""
+    from .data import synthesize
+
+    return [(p, synthesize(p.text, voice, random.Random(f"tts/{p.name}"))) for p in tests if normalize(p.text)]
 
 
 def served_transcripts(model: object, audios: list[np.ndarray]) -> list[str]:
@@ -147,6 +161,8 @@ def main() -> None:
                     help="also transcribe each prompt as the service does (VAD segments, split at max_utterance_s)")
     ap.add_argument("--max-utterance-s", type=float, default=None, metavar="S",
                     help="--served: split past S seconds instead of the card's max_utterance_s (exports before 2026-12-07 have none)")
+    ap.add_argument("--tts", choices=sorted(VOICES), metavar="VOICE",
+                    help="also read the held-out sentences spoken by this synthetic training voice (both models)")
     ap.add_argument("--hypotheses", type=Path, help="write each prompt's reference and both transcripts (JSON lines)")
     ap.add_argument("--card", action="store_true",
                     help="record the results (with --served's) in the overlay's model card (osum/train/export.py) and serve gender only if it met its target")  # fmt: skip
@@ -200,6 +216,19 @@ def main() -> None:
         "wer": wer(refs, served), "capped_wer": capped_wer(refs, served), "exact": exact_count(refs, served),
         "unshared_wer": wer([refs[i] for i in keep], [served[i] for i in keep]),
     }  # fmt: skip
+    tts = None
+    if args.tts:
+        spoken = tts_clips(tests, args.tts)
+        t_refs = [p.text for p, _ in spoken]
+        t_ours = [recognize(model, [a], "asr", opts, score_tags=False)[0].transcript or "" for _, a in spoken]
+        t_theirs = [t for i in range(0, len(spoken), 8) for t in baseline.transcribe([a for _, a in spoken[i : i + 8]])]
+        tts = {"voice": args.tts, "prompts": len(spoken)}
+        for name, hyp in (("osum_mini", t_ours), ("whisper_base", t_theirs)):
+            m = missed_words(t_refs, hyp, said)
+            tts[name] = {"wer": round(wer(t_refs, hyp), 4), "capped_wer": round(capped_wer(t_refs, hyp), 4),
+                         "exact": exact_count(t_refs, hyp),
+                         "missed_words": {"said": list(m["in"]), "never_said": list(m["out"])}}  # fmt: skip
+        tts_rows = {p.name: (o, t) for (p, _), o, t in zip(spoken, t_ours, t_theirs, strict=True)}
     if args.hypotheses:
         with args.hypotheses.open("w") as f:
             for i, p in enumerate(tests):
@@ -207,6 +236,8 @@ def main() -> None:
                        "sentence_unshared": i in keep}  # fmt: skip
                 if served is not None:
                     row["osum_mini_served"] = served[i]
+                if tts is not None and p.name in tts_rows:
+                    row["osum_mini_tts"], row["whisper_base_tts"] = tts_rows[p.name]
                 f.write(json.dumps(row) + "\n")
 
     per: list[tuple[str, str, int, float]] = []
@@ -245,6 +276,14 @@ def main() -> None:
         label = f"  missed: voice {what} ({missed['osum_mini'][side][1]})"
         extra = f", as served {share('osum_mini_served', side)}" if served is not None else ""
         print(f"{label:34} {share('osum_mini', side):>10} {'':>16}  Whisper base {share('whisper_base', side)}{extra}")
+    if tts is not None:
+        o, b = tts["osum_mini"], tts["whisper_base"]
+        print(f"{'WER, ' + tts['voice'] + ' reading them':34} {o['wer']:10.1%} {'':>16}  Whisper base {b['wer']:.1%} (the same sentences, a synthetic training voice)")  # fmt: skip
+        print(f"{'  per prompt, capped at 100 %':34} {o['capped_wer']:10.1%} {'':>16}  Whisper base {b['capped_wer']:.1%}")  # fmt: skip
+        print(f"{'  prompts without an error':34} {o['exact']:10d} {'':>16}  Whisper base {b['exact']}")
+        for side, what in (("said", "said"), ("never_said", "never said")):
+            (mo, n), (mb, _) = o["missed_words"][side], b["missed_words"][side]
+            print(f"{'  missed: voice ' + what + f' ({n})':34} {mo / max(n, 1):10.1%} {'':>16}  Whisper base {mb / max(n, 1):.1%}")  # fmt: skip
     if per:
         print(f"{'gender accuracy, held-out speakers':34} {macro:10.1%} {'>= 95%':>16}  macro over {len(per)} speakers")
     else:
@@ -266,6 +305,8 @@ def main() -> None:
             # reference words missed (substituted or deleted), by whether the real training voice said them
             "missed_words": {k: {"said": list(v["in"]), "never_said": list(v["out"])} for k, v in missed.items()},
         }  # fmt: skip
+        if tts is not None:
+            card["measured"]["tts"] = tts
         if served_figures is not None:
             card["measured"]["served"] = {
                 "how": "streaming.longform.transcribe_recording: VAD segments, split at max_utterance_s, greedy",
