@@ -643,7 +643,7 @@ def test_a_feature_cache_serves_only_the_data_it_was_computed_from(tmp_path: Pat
     torch.manual_seed(0)
     monkeypatch.setattr(features, "load_encoder", lambda base: WhisperEncoder(PRESETS["tiny"].encoder).eval())
     assert features.cache_features(data, out, tmp_path, say=lambda s: None) == 1
-    assert set(features.load_features(out, data)) == {"x/a"}
+    assert set(features.load_features(out, data)) == {"x/a"} == features.cached_ids(out)
     with pytest.raises(ValueError, match="its own cache directory"):
         features.load_features(out, other)
     with pytest.raises(ValueError, match="its own cache directory"):

@@ -20,7 +20,7 @@ from ..config import PRESETS
 from ..encoder import WhisperEncoder
 from .data import load_manifest
 
-__all__ = ["load_encoder", "cache_features", "load_features"]
+__all__ = ["load_encoder", "cache_features", "cached_ids", "load_features"]
 
 # which data directory a cache's outputs were computed from: the cache is keyed by item id, and
 # ids repeat across data sets whose audio differs (data-augsplice's augmented splices carry
@@ -57,10 +57,20 @@ def load_features(root: Path, data: Path | None = None) -> dict[str, torch.Tenso
     return feats
 
 
+def cached_ids(root: Path) -> set[str]:
+    """The item ids cached in ``root``, read from memory-mapped shards: a resumed
+    :func:`cache_features` needs only the ids, not the tensors (4 GB on the full data)."""
+    ids: set[str] = set()
+    for f in sorted(root.glob("feats.*.pt")):
+        ids |= torch.load(f, weights_only=True, mmap=True).keys()
+    return ids
+
+
 @torch.inference_mode()
 def cache_features(data: Path, out: Path, base_dir: Path, shard_size: int = 1000, say=print) -> int:  # type: ignore[no-untyped-def]
     out.mkdir(parents=True, exist_ok=True)
-    have = set(load_features(out, data))
+    _check_source(out, data)
+    have = cached_ids(out)
     if not have:  # a new cache names its data; one from before source.json is not claimed for this data
         (out / SOURCE).write_text(json.dumps({"data": str(data.resolve())}) + "\n")
     todo = [it for it in load_manifest(data) if it["id"] not in have]
