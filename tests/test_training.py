@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -438,6 +439,7 @@ def test_evaluate_names_the_test_prompts_whose_sentence_is_recorded_twice() -> N
 
 
 @pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="asterisk-core-sounds-en-wav")
+@pytest.mark.skipif(shutil.which("flite") is None, reason="flite (Makefile's APT_TEST)")
 def test_evaluate_speaks_the_held_out_sentences_in_a_training_voice_the_same_way_every_run() -> None:
     """`evaluate --tts VOICE` reads the held-out sentences in a synthetic training voice: one
     clip per prompt with words (none for a silence file), the same samples run after run (so
