@@ -602,6 +602,25 @@ def test_gender_probe_separates_a_direction_and_cv_holds_speakers_out() -> None:
     assert torch.allclose(pool(h), torch.cat([h.mean(0), h.std(0)]))
 
 
+def test_codec2_males_are_windows_of_the_listed_clips_and_never_a_held_out_speaker(tmp_path: Path) -> None:
+    """The probe's extra real male voices: each listed clip cut into windows of at most 8 s
+    (a tail under 2 s dropped), named by clip; the held-out morig / forig never join."""
+    import numpy as np
+    import soundfile as sf
+
+    from osum.train.evaluate import gender_sets
+    from osum.train.gender_probe import CODEC2_MALES, codec2_males
+
+    rng = np.random.default_rng(0)
+    for name, seconds in [("ve9qrp", 17.5), ("vk5qi", 9.0), ("morig", 2.0), ("forig", 2.0), ("m2400", 2.0)]:
+        sf.write(tmp_path / f"{name}.wav", (rng.standard_normal(int(seconds * 8000)) * 0.1).astype(np.float32), 8000)
+    got = codec2_males(root=tmp_path)
+    assert [(s, len(a)) for s, a in got] == [("codec2-ve9qrp", 128000), ("codec2-ve9qrp", 128000),
+                                             ("codec2-vk5qi", 128000)]  # fmt: skip
+    assert {"morig", "forig", "m2400", "f2400"}.isdisjoint(CODEC2_MALES)
+    assert not {f"codec2-{n}" for n in CODEC2_MALES} & set(gender_sets(1))
+
+
 def test_the_served_figure_is_logged_with_the_card_when_measured() -> None:
     """The server's start line gives the WER as served (evaluate --card --served) beside the whole reading."""
     from osum.loading import describe_card

@@ -20,7 +20,7 @@ from ..config import PRESETS
 from ..encoder import WhisperEncoder
 from .data import load_manifest
 
-__all__ = ["load_encoder", "cache_features", "cached_ids", "load_features"]
+__all__ = ["load_encoder", "check_source", "cache_features", "cached_ids", "load_features"]
 
 # which data directory a cache's outputs were computed from: the cache is keyed by item id, and
 # ids repeat across data sets whose audio differs (data-augsplice's augmented splices carry
@@ -28,7 +28,8 @@ __all__ = ["load_encoder", "cache_features", "cached_ids", "load_features"]
 SOURCE = "source.json"
 
 
-def _check_source(feats: Path, data: Path) -> None:
+def check_source(feats: Path, data: Path) -> None:
+    """Raises ValueError where the cache ``feats`` records another data directory than ``data``."""
     f = feats / SOURCE
     if f.is_file() and (was := json.loads(f.read_text())["data"]) != str(data.resolve()):
         raise ValueError(f"{feats} holds the encoder outputs of {was}, not of {data}: "
@@ -50,7 +51,7 @@ def load_features(root: Path, data: Path | None = None) -> dict[str, torch.Tenso
     """Every cached output in ``root``; with ``data``, refuses a cache computed from another
     data directory (a cache written before its ``source.json`` existed is taken as is)."""
     if data is not None:
-        _check_source(root, data)
+        check_source(root, data)
     feats: dict[str, torch.Tensor] = {}
     for f in sorted(root.glob("feats.*.pt")):
         feats |= torch.load(f, weights_only=True)
@@ -69,7 +70,7 @@ def cached_ids(root: Path) -> set[str]:
 @torch.inference_mode()
 def cache_features(data: Path, out: Path, base_dir: Path, shard_size: int = 1000, say=print) -> int:  # type: ignore[no-untyped-def]
     out.mkdir(parents=True, exist_ok=True)
-    _check_source(out, data)
+    check_source(out, data)
     have = cached_ids(out)
     if not have:  # a new cache names its data; one from before source.json is not claimed for this data
         (out / SOURCE).write_text(json.dumps({"data": str(data.resolve())}) + "\n")
