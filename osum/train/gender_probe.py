@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..audio import MAX_FILE_SECONDS, load_audio, log_mel
+from ..audio import MAX_FILE_SECONDS, SAMPLE_RATE, load_audio, log_mel
 from ..loading import cache_dir
 from .data import load_manifest
 from .evaluate import gender_sets
@@ -110,13 +110,13 @@ def codec2_males(window_s: float = 8.0, root: Path = Path("/usr/share/codec2/wav
     """(speaker, 16 kHz samples) for each window of at most ``window_s`` of :data:`CODEC2_MALES`
     (a last window shorter than 2 s is dropped); empty where codec2-examples is not installed."""
     out: list[tuple[str, torch.Tensor]] = []
-    n = int(window_s * 16000)
+    n = int(window_s * SAMPLE_RATE)
     for name in CODEC2_MALES:
         f = root / f"{name}.wav"
         if not f.is_file():
             continue
-        audio = torch.as_tensor(load_audio(f, max_seconds=MAX_FILE_SECONDS))
-        out += [(f"codec2-{name}", audio[i : i + n]) for i in range(0, len(audio), n) if len(audio[i : i + n]) >= 32000]
+        windows = torch.as_tensor(load_audio(f, max_seconds=MAX_FILE_SECONDS)).split(n)
+        out += [(f"codec2-{name}", w) for w in windows if len(w) >= 2 * SAMPLE_RATE]
     return out
 
 
@@ -174,8 +174,9 @@ def main() -> None:
         inputs = {f"layer {k}": (x[:, k], {n: (g, t[:, k]) for n, (g, t) in held_x.items()}) for k in range(x.shape[1])}
     else:
         check_source(args.feats, args.data)
-        pools = _pooled_cache(args.feats, {it["id"] for it in load_manifest(args.data, "train")})
-        items = [it for it in load_manifest(args.data, "train") if it["id"] in pools]
+        train = load_manifest(args.data, "train")
+        pools = _pooled_cache(args.feats, {it["id"] for it in train})
+        items = [it for it in train if it["id"] in pools]
         x = [pools[it["id"]] for it in items]
         with torch.inference_mode():
             held = {n: (g, torch.stack([pool(enc(log_mel(load_audio(f))[None])[0][0]) for f in files]))
