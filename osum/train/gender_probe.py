@@ -18,6 +18,13 @@ the choice on trust. Nothing here is served: it is a measurement of the features
 set does not hold (:data:`CODEC2_MALES`), cut into windows of at most 8 s: the training data's
 one real voice is female, and the held-out male it misses (it_IT Carlo) is real.
 
+``--pitch-variants`` (with ``--codec2-males``) adds those windows again with their median F0
+moved to each of :data:`PITCH_MEDIANS` ``["male"]``, and 60 of the real female training
+speaker's prompts moved to each of ``["female"]``, formants kept (:func:`pitch_variant`): the
+held-out male the probe misses speaks near 178 Hz, where the training side has women only, so
+the question is whether the probe then judges by the vocal tract rather than by pitch. Each
+variant keeps its speaker's name: leaving a speaker out of the CV leaves out its variants.
+
 ``--layers N`` probes every encoder layer's output instead (N items of each training
 speaker, encoded anew from the data's audio), to ask whether an earlier layer carries
 gender better than the last; the choice is still by training-speaker CV.
@@ -40,9 +47,14 @@ from .data import load_manifest
 from .evaluate import gender_sets
 from .features import check_source, load_encoder
 
-__all__ = ["CODEC2_MALES", "pool", "fit", "speaker_cv", "layer_pools", "codec2_males", "report", "main"]
+__all__ = ["CODEC2_MALES", "PITCH_MEDIANS", "pool", "fit", "speaker_cv", "layer_pools", "codec2_males", "pitch_variant",
+           "report", "main"]
 
 STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+# Median F0 (Hz) of the pitch-moved copies: men's spread over and past the held-out male's ~178 Hz
+# (not aimed at it alone), women's over the range of men's voices.
+PITCH_MEDIANS = {"male": (150.0, 180.0, 210.0), "female": (120.0, 150.0)}
 
 # Debian codec2-examples' real male recordings (/usr/share/codec2/wav), 8 kHz: radio amateurs'
 # transmissions and the codec's test phrases. Median F0 84-118 Hz in every 6 s window (a check
@@ -120,6 +132,30 @@ def codec2_males(window_s: float = 8.0, root: Path = Path("/usr/share/codec2/wav
     return out
 
 
+def pitch_variant(audio: torch.Tensor, median_hz: float) -> torch.Tensor:
+    """16 kHz ``audio`` with its median F0 moved to ``median_hz`` and its spectral envelope
+    (formants, the vocal tract's length) kept: Praat's "Change gender" (PSOLA; formant shift
+    ratio 1, pitch range and duration unchanged), through praat-parselmouth (the ``train`` extra)."""
+    import parselmouth
+    from parselmouth.praat import call
+
+    sound = parselmouth.Sound(audio.double().numpy(), sampling_frequency=SAMPLE_RATE)
+    moved = call(sound, "Change gender", 60.0, 400.0, 1.0, median_hz, 1.0, 1.0)  # pitch floor, ceiling (Hz) ...
+    return torch.from_numpy(moved.values[0]).float().clamp(-1.0, 1.0)  # PSOLA overshoots by a few samples
+
+
+def _pitch_moved(data: Path, windows: list[tuple[str, torch.Tensor]], n_female: int = 60) -> list[tuple[str, str, torch.Tensor]]:
+    """(speaker, gender, audio) of :data:`PITCH_MEDIANS`' copies: every codec2 male window, and
+    ``n_female`` prompts (seeded, unaugmented, at most 8 s) of the training data's real female speaker."""
+    out = [(s, "male", pitch_variant(a, m)) for s, a in windows for m in PITCH_MEDIANS["male"]]
+    real = [it for it in load_manifest(data, "train") if it["id"].startswith("real/") and it["gender"] == "female"
+            and not it["augment"] and "sources" not in it and it["seconds"] <= 8.0]  # the recordings as they are  # fmt: skip
+    for it in random.Random(0).sample(real, min(n_female, len(real))):
+        a = torch.as_tensor(load_audio(data / it["audio"]))
+        out += [(it["speaker"], "female", pitch_variant(a, m)) for m in PITCH_MEDIANS["female"]]
+    return out
+
+
 def _pooled_cache(root: Path, ids: set[str]) -> dict[str, torch.Tensor]:
     """Pooled cached outputs of ``ids``, read shard by shard from memory-mapped files (the
     whole cache is 3-4 GB of tensors; the pools are 4 KB an item)."""
@@ -156,8 +192,13 @@ def main() -> None:
                          "data's audio (the cache holds the last layer only)")
     ap.add_argument("--codec2-males", action="store_true",
                     help="add codec2-examples' real male voices (CODEC2_MALES) to the training side")
+    ap.add_argument("--pitch-variants", action="store_true",
+                    help="with --codec2-males: also those windows and 60 real female prompts with their pitch moved "
+                         "(PITCH_MEDIANS), formants kept")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.pitch_variants and not args.codec2_males:
+        ap.error("--pitch-variants needs --codec2-males")
     torch.set_num_threads(args.threads)
 
     enc = load_encoder(args.base)
@@ -185,6 +226,10 @@ def main() -> None:
                 extra = codec2_males()
                 items += [{"speaker": s, "gender": "male"} for s, _ in extra]
                 x += [pool(enc(log_mel(a)[None])[0][0]) for _, a in extra]
+                if args.pitch_variants:
+                    moved = _pitch_moved(args.data, extra)
+                    items += [{"speaker": s, "gender": g} for s, g, _ in moved]
+                    x += [pool(enc(log_mel(a)[None])[0][0]) for _, _, a in moved]
         inputs = {"final": (torch.stack(x), held)}
     y = torch.tensor([1.0 if it["gender"] == "male" else 0.0 for it in items])
     speakers = [it["speaker"] for it in items]
