@@ -105,6 +105,11 @@ def speaker_cv(x: torch.Tensor, y: torch.Tensor, speakers: list[str], strength: 
     return float(np.mean(accs))
 
 
+def _encoded_pool(enc: torch.nn.Module, audio: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """One utterance through the encoder, pooled: (2 D,)."""
+    return pool(enc(log_mel(audio)[None])[0][0])
+
+
 def layer_pools(enc: torch.nn.Module, audio: torch.Tensor) -> torch.Tensor:
     """One utterance's pooled outputs of every encoder layer, (n_layers, 2 D): each layer's
     output as the next layer reads it (the last one before the final layer norm)."""
@@ -144,11 +149,13 @@ def pitch_variant(audio: torch.Tensor, median_hz: float) -> torch.Tensor:
     return torch.from_numpy(moved.values[0]).float().clamp(-1.0, 1.0)  # PSOLA overshoots by a few samples
 
 
-def _pitch_moved(data: Path, windows: list[tuple[str, torch.Tensor]], n_female: int = 60) -> list[tuple[str, str, torch.Tensor]]:
+def _pitch_moved(data: Path, train: list[dict], windows: list[tuple[str, torch.Tensor]],
+                 n_female: int = 60) -> list[tuple[str, str, torch.Tensor]]:  # fmt: skip
     """(speaker, gender, audio) of :data:`PITCH_MEDIANS`' copies: every codec2 male window, and
-    ``n_female`` prompts (seeded, unaugmented, at most 8 s) of the training data's real female speaker."""
+    ``n_female`` prompts (seeded, unaugmented, at most 8 s) of the real female speaker among the
+    training items ``train`` (of the data directory ``data``)."""
     out = [(s, "male", pitch_variant(a, m)) for s, a in windows for m in PITCH_MEDIANS["male"]]
-    real = [it for it in load_manifest(data, "train") if it["id"].startswith("real/") and it["gender"] == "female"
+    real = [it for it in train if it["id"].startswith("real/") and it["gender"] == "female"
             and not it["augment"] and "sources" not in it and it["seconds"] <= 8.0]  # the recordings as they are  # fmt: skip
     for it in random.Random(0).sample(real, min(n_female, len(real))):
         a = torch.as_tensor(load_audio(data / it["audio"]))
@@ -220,16 +227,16 @@ def main() -> None:
         items = [it for it in train if it["id"] in pools]
         x = [pools[it["id"]] for it in items]
         with torch.inference_mode():
-            held = {n: (g, torch.stack([pool(enc(log_mel(load_audio(f))[None])[0][0]) for f in files]))
+            held = {n: (g, torch.stack([_encoded_pool(enc, load_audio(f)) for f in files]))
                     for n, (g, files) in gender_sets(args.per_speaker).items()}  # fmt: skip
             if args.codec2_males:
                 extra = codec2_males()
                 items += [{"speaker": s, "gender": "male"} for s, _ in extra]
-                x += [pool(enc(log_mel(a)[None])[0][0]) for _, a in extra]
+                x += [_encoded_pool(enc, a) for _, a in extra]
                 if args.pitch_variants:
-                    moved = _pitch_moved(args.data, extra)
+                    moved = _pitch_moved(args.data, train, extra)
                     items += [{"speaker": s, "gender": g} for s, g, _ in moved]
-                    x += [pool(enc(log_mel(a)[None])[0][0]) for _, _, a in moved]
+                    x += [_encoded_pool(enc, a) for _, _, a in moved]
         inputs = {"final": (torch.stack(x), held)}
     y = torch.tensor([1.0 if it["gender"] == "male" else 0.0 for it in items])
     speakers = [it["speaker"] for it in items]
