@@ -1,18 +1,18 @@
-"""Models by name or directory, the tiny random model, and OSUM's released ``infer.pt``.
+"""Models by name or directory, the tiny random model, and trained weights on a prepared base.
 
 A model directory (what :func:`save_model` writes) holds ``config.json`` (an
 :class:`~osum.config.OsumConfig`), ``model.safetensors`` (our key names, LoRA merged)
 and the tokenizer files. Names resolve as follows:
 
 * ``tiny``: random weights at toy sizes, made (seeded) in the cache on first use;
-* ``osum-mini``: ``<cache>/osum-mini``, written by ``osum prepare osum-mini``;
+* ``osum-mini``: ``<cache>/osum-mini``, written by ``osum prepare osum-mini``, with the
+  trained overlay (adapter, boundary embeddings, LoRA) that ships in ``osum/weights``;
 * ``osum``: the released checkpoint: ``<cache>/osum`` if imported, else ``infer.pt``
-  from the hub (``ASLP-lab/OSUM``) with ``Qwen/Qwen2-7B-Instruct``'s config and tokenizer.
+  (:mod:`osum.released`: from the hub, ``ASLP-lab/OSUM``, with ``Qwen/Qwen2-7B-Instruct``'s
+  config and tokenizer).
 
-The released checkpoint is a plain state dict with OSUM's key prefixes and peft's
-LoRA wrapping (``...q_proj.base_layer.weight``, ``...q_proj.lora_A.default.weight``,
-``...q_proj.lora_B.default.weight``); LoRA is merged at load time
-(``W + alpha / r * B @ A``) and the unused ``speaker_head`` / ``ln_speech`` are dropped.
+Every path checks the weights against the model built from the config and names what does
+not fit (:func:`build_with_weights`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -30,36 +29,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PRESETS, QWEN2_7B, AdapterConfig, EncoderConfig, OsumConfig
+from .config import PRESETS, OsumConfig
 from .errors import CheckpointError, InvalidConfigError, ModelNotFoundError
 from .model import OsumModel
 
 __all__ = [
-    "OSUM_HUB_ID",
-    "QWEN_HUB_ID",
+    "MINI_OVERLAY",
+    "build_with_weights",
     "bundled_tokenizer_dir",
     "cache_dir",
-    "convert_osum_state_dict",
     "create_tiny_model",
     "describe_card",
+    "load_base_with_overlay",
     "load_model",
-    "load_osum_checkpoint",
+    "load_tokenizer",
     "merge_lora",
     "read_card",
     "save_model",
 ]  # fmt: skip
 
-OSUM_HUB_ID = "ASLP-lab/OSUM"
-QWEN_HUB_ID = "Qwen/Qwen2-7B-Instruct"
-_OURS = ("encoder.", "down_sample_2.", "speech_transformer.", "speech_llama_proj.", "speech_token_emded.")
-_UNUSED = ("speaker_head.", "ln_speech.")  # in the checkpoint, never used by OSUM's forward
-_ALIASES = ("embed_tokens.weight", "lm_head.weight")  # top-level duplicates of the LLM's tables
-_PEFT_PREFIX = "llama_model.base_model.model."
 # osum-mini's trained parts (adapter, boundary embeddings, LoRA) and their model card data
 MINI_OVERLAY = Path(__file__).parent / "weights" / "osum-mini.safetensors"
-_LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-             "tie_word_embeddings", "bos_token_id", "eos_token_id")  # fmt: skip
 
 
 def cache_dir() -> Path:
@@ -82,6 +72,7 @@ def bundled_tokenizer_dir() -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Any:
+    """The Qwen tokenizer in ``path``; :class:`ModelNotFoundError` when its files are missing."""
     from transformers import AutoTokenizer
 
     try:
@@ -197,12 +188,20 @@ def _load(name_or_path: str | Path, device: str | torch.device, quantize: bool) 
         overlay = Path(os.environ.get("OSUM_MINI_OVERLAY") or MINI_OVERLAY)
         return load_base_with_overlay(cache_dir() / "osum-mini", overlay, device, quantize)
     elif name == "osum":
-        return _load_released_osum(cache_dir() / "osum", device, quantize)
+        path = cache_dir() / "osum"
+        if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):  # not imported
+            from .released import load_released
+
+            return load_released(path, device, quantize)
     if path.is_file() and path.suffix == ".pt":
+        from .released import load_osum_checkpoint
+
         return load_osum_checkpoint(path, path.parent, device, quantize)
     if not path.is_dir():
         raise ModelNotFoundError(f"no model named or at {name!r} (names: tiny, osum-mini, osum)")
     if (path / "infer.pt").is_file():
+        from .released import load_osum_checkpoint
+
         return load_osum_checkpoint(path / "infer.pt", path, device, quantize)
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path}: not a model directory (no config.json)")
@@ -213,7 +212,7 @@ def _load(name_or_path: str | Path, device: str | torch.device, quantize: bool) 
         sd = _read_safetensors(path / "model.safetensors")
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{path / 'model.safetensors'}: unreadable weights ({e})") from e
-    model = _build_with_weights(cfg, sd, str(path))
+    model = build_with_weights(cfg, sd, str(path))
     model.tokenizer = load_tokenizer(path)
     return model.place(device, quantize)
 
@@ -254,7 +253,7 @@ def _base_with_overlay(base: Path, overlay: Path, device: str | torch.device, qu
             module = k[: -len(".lora_A.default.weight")]
             pairs[module] = (lora[k], lora[f"{module}.lora_B.default.weight"])
     sd = merge_lora(sd, pairs, cfg.lora_scale)
-    model = _build_with_weights(cfg, sd, f"{base} + {overlay.name}")
+    model = build_with_weights(cfg, sd, f"{base} + {overlay.name}")
     model.tokenizer = load_tokenizer(base)
     model.card = card
     from .timing import WordAligner
@@ -302,8 +301,12 @@ def _params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _build_with_weights(cfg: OsumConfig, sd: dict[str, torch.Tensor], source: str) -> OsumModel:
-    """Build the model without initialising it and take every parameter from ``sd``, checked."""
+def build_with_weights(cfg: OsumConfig, sd: dict[str, torch.Tensor], source: str) -> OsumModel:
+    """Build the model without initialising it and take every parameter from ``sd``, checked.
+
+    Raises:
+        CheckpointError: keys missing, keys foreign, or shapes that differ, each named.
+    """
     with _params_on_meta():
         model = OsumModel(cfg)
     expected = model.state_dict()
@@ -341,9 +344,6 @@ def _describe(source: str, missing: list[str], unexpected: list[str], shapes: li
     return "\n".join(lines)
 
 
-# ---- OSUM's released checkpoint ---------------------------------------------------------
-
-
 def merge_lora(
     base: dict[str, torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float
 ) -> dict[str, torch.Tensor]:
@@ -358,116 +358,3 @@ def merge_lora(
             raise CheckpointError(f"LoRA for {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit {tuple(w.shape)}")
         out[key] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
     return out
-
-
-def convert_osum_state_dict(sd: dict[str, torch.Tensor], lora_scale: float) -> dict[str, torch.Tensor]:
-    """OSUM's key names -> ours, with LoRA merged; unknown keys are kept so that they are reported."""
-    plain: dict[str, torch.Tensor] = {}
-    lora_a: dict[str, torch.Tensor] = {}
-    lora_b: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        if k.startswith(_UNUSED) or k in _ALIASES:
-            continue
-        if k.startswith(_OURS):
-            plain[k] = v
-            continue
-        if k.startswith(_PEFT_PREFIX):
-            rest = k[len(_PEFT_PREFIX) :]
-        elif k.startswith("llama_model."):  # a checkpoint saved without peft wrapping
-            rest = k[len("llama_model.") :]
-        else:
-            plain[k] = v  # foreign: reported as unexpected
-            continue
-        m = re.fullmatch(r"(.+)\.lora_([AB])\.default\.weight", rest)
-        if m:
-            (lora_a if m.group(2) == "A" else lora_b)[f"llm.{m.group(1)}"] = v
-        else:
-            plain["llm." + rest.replace(".base_layer.", ".")] = v
-    if set(lora_a) != set(lora_b):
-        odd = sorted(set(lora_a) ^ set(lora_b))
-        raise CheckpointError(f"LoRA A/B pairs incomplete for: {', '.join(odd[:8])}")
-    return merge_lora(plain, {m: (lora_a[m], lora_b[m]) for m in lora_a}, lora_scale)
-
-
-def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated zip, pickle errors, not a torch file at all
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
-        obj = obj["module"]  # a raw DeepSpeed model-states file
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
-    return obj
-
-
-def _config_from_checkpoint(sd: dict[str, torch.Tensor], llm_config: dict[str, Any]) -> OsumConfig:
-    """Encoder/adapter sizes read off the tensors (Whisper's head size is 64; OSUM's adapter has 4 heads)."""
-    try:
-        d_enc, n_mels, _ = sd["encoder.embed.conv.0.weight"].shape
-        n_ctx = sd["encoder.embed.pos_enc.pe"].shape[1]
-        enc_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.encoders\.(\d+)\.", k)))
-        enc_ffn = sd["encoder.encoders.0.feed_forward.w_1.weight"].shape[0]
-        d_ada = sd["speech_transformer.embed.out.0.weight"].shape[0]
-        ada_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"speech_transformer\.encoders\.(\d+)\.", k)))
-        ada_ffn = sd["speech_transformer.encoders.0.feed_forward.w_1.weight"].shape[0]
-        max_len = sd["speech_transformer.embed.pos_enc.pe"].shape[1]
-        n_speech = sd["speech_token_emded.weight"].shape[0] - 2
-    except (KeyError, ValueError):
-        # not shaped like OSUM: take the released sizes, so that the key check below
-        # names exactly what is missing and what is foreign
-        return replace(PRESETS["osum"], llm=llm_config)
-    return OsumConfig(
-        name="osum",
-        encoder=EncoderConfig(n_mels=n_mels, n_ctx=n_ctx, d_model=d_enc, n_heads=max(d_enc // 64, 1), n_layers=enc_layers, ffn_dim=enc_ffn),
-        adapter=AdapterConfig(d_model=d_ada, n_heads=4, n_layers=ada_layers, ffn_dim=ada_ffn, max_len=max_len),
-        llm=llm_config,
-        speech_token_num=n_speech,
-    )
-
-
-def _llm_config(llm_dir: Path) -> dict[str, Any]:
-    f = llm_dir / "config.json"
-    if not f.is_file():
-        raise ModelNotFoundError(f"{llm_dir}: no Qwen2 config.json (give the Qwen2-7B-Instruct config and tokenizer directory)")
-    raw = json.loads(f.read_text())
-    if raw.get("model_type") not in (None, "qwen2"):
-        raise CheckpointError(f"{f}: model_type {raw.get('model_type')!r} is not qwen2")
-    llm = {k: raw[k] for k in _LLM_KEYS if k in raw}
-    for k, v in QWEN2_7B.items():
-        llm.setdefault(k, v)
-    if isinstance(llm["eos_token_id"], list):
-        llm["eos_token_id"] = llm["eos_token_id"][0]
-    return llm
-
-
-def load_osum_checkpoint(checkpoint: str | Path, llm_dir: str | Path, device: str | torch.device = "cpu",
-                         quantize: bool = False) -> OsumModel:  # fmt: skip
-    """Load OSUM's released ``infer.pt`` with the Qwen2 config and tokenizer found in ``llm_dir``."""
-    checkpoint, llm_dir = Path(checkpoint), Path(llm_dir)
-    if not checkpoint.is_file():
-        raise ModelNotFoundError(f"{checkpoint}: no such checkpoint")
-    sd = _read_torch_file(checkpoint)
-    cfg = _config_from_checkpoint(sd, _llm_config(llm_dir))
-    model = _build_with_weights(cfg, convert_osum_state_dict(sd, cfg.lora_scale), str(checkpoint))
-    model.tokenizer = load_tokenizer(llm_dir)
-    return model.place(device, quantize)
-
-
-def _load_released_osum(local: Path, device: str | torch.device, quantize: bool) -> OsumModel:
-    if (local / "config.json").is_file() and (local / "model.safetensors").is_file():
-        return _load(local, device, quantize)
-    if (local / "infer.pt").is_file():
-        return load_osum_checkpoint(local / "infer.pt", local, device, quantize)
-    try:
-        from huggingface_hub import hf_hub_download, snapshot_download
-
-        ckpt = hf_hub_download(OSUM_HUB_ID, "infer.pt")
-        llm_dir = snapshot_download(QWEN_HUB_ID, allow_patterns=["config.json", "tokenizer*", "vocab.json", "merges.txt"])
-    except Exception as e:  # offline, no hub access, or huggingface_hub missing
-        raise ModelNotFoundError(
-            f"the released OSUM model is not in {local} and the hub is unreachable ({type(e).__name__}). "
-            f"Put infer.pt (from {OSUM_HUB_ID}) with the {QWEN_HUB_ID} config.json and tokenizer files in {local}, "
-            "or pass --model /path/to/infer.pt"
-        ) from e
-    return load_osum_checkpoint(ckpt, llm_dir, device, quantize)

@@ -11,7 +11,8 @@ import torch
 
 from osum.audio import log_mel
 from osum.errors import CheckpointError, ModelNotFoundError
-from osum.loading import load_model, load_osum_checkpoint, save_model
+from osum.loading import load_model, save_model
+from osum.released import load_osum_checkpoint
 
 from .release_checkpoint import write_release
 
@@ -144,3 +145,18 @@ def test_corrupt_model_directory(tiny_model, tmp_path: Path) -> None:  # type: i
     (d / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(CheckpointError, match="unreadable weights"):
         load_model(d)
+
+
+def test_the_name_osum_resolves_in_the_cache(release, tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    root, expected = release
+    monkeypatch.setenv("OSUM_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without the hub sees, at once
+    with pytest.raises(ModelNotFoundError, match="hub is unreachable") as e:
+        load_model("osum")
+    assert str(tmp_path / "osum") in str(e.value)
+    shutil.copytree(root, tmp_path / "osum")  # infer.pt beside the Qwen2 config and tokenizer
+    model = load_model("osum")
+    torch.testing.assert_close(model.state_dict()["speech_llama_proj.weight"], expected.state_dict()["speech_llama_proj.weight"])
+    shutil.rmtree(tmp_path / "osum")
+    save_model(tiny_model, tmp_path / "osum")  # an imported model directory
+    assert load_model("osum").cfg == tiny_model.cfg
