@@ -41,7 +41,7 @@ from osum.audio import load_audio
 from osum.audio import trim_silence
 from streaming.engine import Engine, EngineOptions
 from streaming.events import Analysis, Final, Partial, SpeechEnded
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 
 CHUNK = 1600  # 100 ms
 

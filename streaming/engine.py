@@ -47,7 +47,8 @@ from .events import event_from_dict
 from .live import LiveSession
 from .metrics import EngineMetrics
 from .scheduler import Scheduler, SchedulerOptions
-from .session import Session, SessionConfig, Snapshot
+from .session import Session
+from .session_base import SessionConfig, Snapshot
 from .store import InMemoryStore, SessionStore
 
 __all__ = ["Engine", "EngineOptions", "LiveSession", "OverCapacityError", "SessionNotFoundError", "SessionLimitError",

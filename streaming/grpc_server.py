@@ -36,7 +36,7 @@ from .engine import Engine, ShuttingDownError
 from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
 from .proto import speech_pb2 as pb
 from .proto import speech_pb2_grpc
-from .session import SessionConfig
+from .session_base import SessionConfig
 from .status import RETRY_AFTER_S, RETRY_CODES, IdleTimeoutError, ProtocolError, grpc_status, with_hint
 from .vad import VadOptions
 

@@ -26,7 +26,8 @@ from osum.errors import OsumError
 
 from .errors import SessionLimitError
 from .events import Analysis, Error, Event, Final, Partial
-from .session import Session, State
+from .session import Session
+from .session_base import State
 from .work import AnalysisRequest
 
 if TYPE_CHECKING:

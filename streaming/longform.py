@@ -26,7 +26,8 @@ from osum.tasks import Task
 
 from .audio import SAMPLE_RATE, AudioFormat
 from .events import Analysis, Error, Final
-from .session import Session, SessionConfig
+from .session import Session
+from .session_base import SessionConfig
 from .work import _KIND, AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
 
 __all__ = ["Segment", "session_tasks", "transcribe_recording"]

@@ -25,7 +25,7 @@ from osum.errors import OsumError
 from .audio import SAMPLE_RATE, AudioIntake
 from .engine import Engine, EngineOptions
 from .events import Analysis, Event, Final, Label, Partial, SpeechEnded, SpeechStarted
-from .session import SessionBase, SessionConfig, Snapshot, State
+from .session_base import SessionBase, SessionConfig, Snapshot, State
 from .store import SessionStore
 
 __all__ = ["NullEngine", "NullSession"]

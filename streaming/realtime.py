@@ -51,7 +51,7 @@ from .audio import AudioFormat
 from .auth import Principal
 from .engine import Engine, LiveSession
 from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
-from .session import SessionConfig
+from .session_base import SessionConfig
 from .status import with_hint, ws_close_code
 from .vad import VadOptions
 

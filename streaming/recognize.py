@@ -18,7 +18,7 @@ from .audio import AudioFormat
 from .engine import Engine
 from .events import Analysis, Error, Final
 from .proto import speech_pb2 as pb
-from .session import SessionConfig
+from .session_base import SessionConfig
 
 __all__ = ["recognize_file", "MAX_RECORDING_S"]
 

@@ -20,7 +20,7 @@ import secrets
 import time
 from typing import Any, Protocol
 
-from .session import Snapshot
+from .session_base import Snapshot
 
 __all__ = ["SessionStore", "InMemoryStore", "RedisStore"]
 

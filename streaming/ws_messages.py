@@ -35,7 +35,7 @@ from osum.errors import InvalidConfigError
 from .audio import AudioFormat
 from .engine import SessionNotFoundError
 from .events import Analysis, Error, Event, Final, Partial, ReplyDelta, SpeechEnded, SpeechStarted
-from .session import SessionConfig
+from .session_base import SessionConfig
 from .status import ProtocolError
 from .vad import VadOptions
 

@@ -36,7 +36,7 @@ from osum.errors import InvalidConfigError, OsumError
 from .auth import ANONYMOUS, Authenticator, Principal, UnauthenticatedError, credential_from
 from .engine import Engine, LiveSession
 from .metrics import EngineMetrics
-from .session import SessionConfig
+from .session_base import SessionConfig
 from .status import IdleTimeoutError, with_hint, ws_close_code
 from .ws_messages import ProtocolError, event_message, listen_request, parse_client_text
 

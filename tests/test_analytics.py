@@ -11,7 +11,7 @@ import pytest
 
 from streaming.engine import Engine, EngineOptions
 from streaming.scheduler import SchedulerOptions
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 from streaming.store import RedisStore
 
 from .redis_server import redis_server

@@ -17,7 +17,7 @@ from streaming.auth import Authenticator
 from streaming.engine import Engine, EngineOptions
 from streaming.grpc_server import serve as serve_grpc
 from streaming.scheduler import SchedulerOptions
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 from streaming.store import RedisStore
 from streaming.ws_server import serve_ws
 

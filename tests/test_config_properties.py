@@ -14,7 +14,7 @@ from osum.errors import OsumError
 from streaming.grpc_server import session_config
 from streaming.proto import speech_pb2 as pb
 from streaming.realtime import config_from_session
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 
 _INT32 = st.integers(-(2**31), 2**31 - 1)
 _FLOAT = st.floats(width=32, allow_nan=True, allow_infinity=True)

@@ -22,7 +22,7 @@ from streaming.engine import (
 )
 from streaming.events import Analysis, Error, Final, Partial, SpeechEnded, SpeechStarted
 from streaming.scheduler import SchedulerOptions
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 from streaming.store import InMemoryStore, RedisStore
 
 from .redis_server import redis_server
@@ -142,7 +142,7 @@ def test_resume_with_redis(tiny_model, male_clip, tmp_path: Path) -> None:  # ty
 
 def test_redis_store_layout(tmp_path: Path) -> None:
     """Snapshot hash with a TTL, a per-session results stream, the global analytics stream."""
-    from streaming.session import Snapshot
+    from streaming.session_base import Snapshot
 
     async def main() -> None:
         store = RedisStore(url, ttl_s=60, max_results=3)

@@ -17,7 +17,7 @@ from streaming.grpc_server import serve
 from streaming.proto import speech_pb2 as pb
 from streaming.proto import speech_pb2_grpc
 from streaming.scheduler import SchedulerOptions
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 
 SIL = np.zeros(16000, np.float32)
 OPTS = EngineOptions(scheduler=SchedulerOptions(final_max_tokens=6))

@@ -19,7 +19,7 @@ from streaming.events import Final
 from streaming.grpc_server import serve
 from streaming.proto import speech_pb2 as pb
 from streaming.proto import speech_pb2_grpc
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 from streaming.store import InMemoryStore
 
 from .test_grpc import OPTS, SIL, _config, _pcm

@@ -8,7 +8,7 @@ import numpy as np
 
 from streaming.events import Analysis, Final, Partial, SpeechEnded, SpeechStarted
 from streaming.null_engine import NullEngine
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 
 
 def test_null_engine_segments_real_speech_and_emits_every_event(male_clip, female_clip) -> None:  # type: ignore[no-untyped-def]

@@ -94,7 +94,8 @@ def test_streamed_finals_equal_offline_on_real_speech(mini, held_out) -> None:  
     token a call; "osum_rows" attention (osum.attention) makes the two agree bit for bit. They
     once differed in attention's last bits, which int8 rounding turned into other words."""
     from streaming.events import Analysis, Final, Partial
-    from streaming.session import Session, SessionConfig
+    from streaming.session import Session
+    from streaming.session_base import SessionConfig
     from streaming.work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
 
     sil = np.zeros(16000, np.float32)

@@ -21,7 +21,7 @@ from streaming.engine import Engine, EngineOptions
 from streaming.events import Final
 from streaming.realtime import MANUAL_SILENCE_MS, config_from_session
 from streaming.scheduler import SchedulerOptions
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 from streaming.ws_server import serve_ws
 
 OPTS = EngineOptions(scheduler=SchedulerOptions(final_max_tokens=6))

@@ -12,7 +12,8 @@ from osum.errors import InvalidConfigError
 from osum.inference import recognize
 from streaming.audio import AudioFormat
 from streaming.events import Analysis, Error, Final, Partial, SpeechEnded, SpeechStarted
-from streaming.session import Session, SessionConfig, Snapshot, State
+from streaming.session import Session
+from streaming.session_base import SessionConfig, Snapshot, State
 from streaming.vad import VadOptions
 from streaming.work import AnalysisRequest, FinalRequest, PartialRequest, run_analyses, run_finals, run_partials
 

@@ -13,7 +13,7 @@ from osum.errors import UnsupportedTaskError
 from osum.inference import recognize
 from osum.timing import FRAME_S, dtw, word_times
 from streaming.engine import Engine
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 
 
 def _reference_dtw_cost(cost: np.ndarray) -> float:

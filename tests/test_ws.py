@@ -25,7 +25,7 @@ from osum.errors import InvalidConfigError, OsumError
 from streaming.engine import Engine, EngineOptions
 from streaming.events import Final
 from streaming.scheduler import SchedulerOptions
-from streaming.session import SessionConfig
+from streaming.session_base import SessionConfig
 from streaming.status import ws_close_code
 from streaming.ws_messages import (
     KNOWN_PARAMS,
