@@ -44,6 +44,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "merge_lora",
+    "params_on_meta",
     "read_card",
     "save_model",
 ]  # fmt: skip
@@ -283,7 +284,7 @@ def describe_card(card: dict | None) -> str:
 
 
 @contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
+def params_on_meta() -> Iterator[None]:
     """Create parameters on the meta device (no memory, no init); buffers stay real."""
     original = nn.Module.register_parameter
 
@@ -307,7 +308,7 @@ def build_with_weights(cfg: OsumConfig, sd: dict[str, torch.Tensor], source: str
     Raises:
         CheckpointError: keys missing, keys foreign, or shapes that differ, each named.
     """
-    with _params_on_meta():
+    with params_on_meta():
         model = OsumModel(cfg)
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in sd)

@@ -13,8 +13,9 @@ import torch
 
 from osum.config import PRESETS
 from osum.loading import bundled_tokenizer_dir
+from osum.train.config import RunConfig
 from osum.train.metrics import wer
-from osum.train.trainer import RunConfig, Trainer
+from osum.train.trainer import Trainer
 
 TEXTS = ["please enter your account number", "thank you for calling", "press one for sales", "goodbye"]
 
@@ -710,3 +711,16 @@ def test_a_feature_cache_serves_only_the_data_it_was_computed_from(tmp_path: Pat
     assert set(features.load_features(out, other)) == {"x/a"}
     assert features.cache_features(other, out, tmp_path, say=lambda s: None) == 0
     assert not (out / features.SOURCE).exists()  # and not claimed for the data that happened to extend it
+
+
+def test_run_config_paths_resolve_as_the_command_line_reads_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, run = tmp_path / "cache", tmp_path / "cache" / "train" / "runs" / "r2"
+    cfg = RunConfig(stage="joint").resolved(run, root)
+    assert (cfg.data, cfg.feats, cfg.base) == (str(root / "train" / "data"), str(root / "train" / "feats"), str(root / "osum-mini"))
+    assert cfg.init is None
+    cfg = RunConfig(data="data-splice", feats="/abs/feats", init="r1").resolved(run, root)
+    assert (cfg.data, cfg.feats, cfg.init) == (str(root / "train" / "data-splice"), "/abs/feats", str(run.parent / "r1"))
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(init="osum/weights/osum-mini.safetensors").resolved(run, root)
+    assert cfg.init == str(tmp_path / "osum" / "weights" / "osum-mini.safetensors")  # from where the command runs
+    assert RunConfig(init="/abs/r0").resolved(run, root).init == "/abs/r0"

@@ -4,14 +4,15 @@ Two stages, one loop (``python -m osum.train.trainer RUN_DIR [--config FILE]``):
 
 * ``ctc``: the adapter alone learns to put its 12.5 Hz outputs into the LLM's embedding
   space: CTC over Qwen token ids with logits ``s * cos(h, E[v])`` against the frozen
-  input-embedding rows of the vocabulary seen in the training texts, plus a learned blank.
+  input-embedding rows of the vocabulary seen in the training texts, plus a learned blank
+  (:mod:`osum.train.objectives`, as the joint stage's loss).
   About 1 s a step on 2 cores; no LLM forward. A plain end-to-end start never moved off
   the text prior in an hour (see the training probe notes); this finds the alignment first.
 * ``joint``: OSUM's recipe on top: ``[prompt, begin, speech, end, target]`` through the
   frozen Qwen (bf16) with LoRA; loss on the target tokens (ASR+X: transcript, then the
   tag for SGC items), plus the CTC loss as an auxiliary. Logits only at target positions.
 
-A run directory holds ``config.json`` (the :class:`RunConfig`), ``log.jsonl``,
+A run directory holds ``config.json`` (the :class:`~osum.train.config.RunConfig`), ``log.jsonl``,
 ``loss.png``, ``last.pt`` (everything needed to resume: trainable weights, optimiser,
 step, RNG), ``latest.safetensors`` (the overlay last evaluated) and ``best.safetensors``
 (the one with the best held-out WER so far); a run started from shipped weights also holds
@@ -25,135 +26,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import random
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import subsampled_length
 from ..config import PRESETS, OsumConfig
 from ..model import OsumModel
 from ..tasks import get_task
+from .config import RunConfig
 from .lora import add_lora, lora_parameters, lora_state_dict
+from .objectives import CTCHead, asr_x_example, ctc_loss, llm_loss
 
-__all__ = ["RunConfig", "CTCHead", "Trainer", "load_base_llm", "overlay_state_dict"]
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """One training run; saved as ``config.json`` in the run directory."""
-
-    stage: str = "ctc"  # ctc | joint
-    data: str = ""  # data directory (manifest + audio); relative: under <cache>/train (CLI)
-    feats: str = ""  # cached encoder outputs
-    base: str = ""  # prepared osum-mini directory
-    # what initialises this run: a run directory (its last.pt), or shipped weights (an exported
-    # overlay, e.g. osum/weights/osum-mini.safetensors: adapter, boundary embeddings, LoRA; the
-    # CTC head's blank and scale start anew), so that training goes on on a machine without the run
-    init: str | None = None
-    steps: int = 3000
-    batch_size: int = 32
-    lr: float = 2e-3  # adapter and heads
-    lr_lora: float = 5e-4
-    warmup: int = 200
-    weight_decay: float = 0.01
-    ctc_weight: float = 1.0  # joint stage: weight of the auxiliary CTC loss
-    tasks: dict[str, float] = field(default_factory=lambda: {"asr": 0.6, "sgc": 0.4})  # joint stage task mix
-    time_mask: float = 0.1  # fraction of encoder frames zeroed per item (SpecAugment-like)
-    # fraction of the encoder's output channels zeroed per item, the same channels in every
-    # frame (SpecAugment's frequency masks, on the encoder's features): the real prompts are
-    # memorised (training loss ~0.05) while held-out prompts of the same voice are not read
-    feature_mask: float = 0.0
-    ctc_min_count: int = 1  # CTC vocabulary: token types seen at least this often in the training texts
-    # joint stage started from a ctc run: rescale the projection so speech embeddings have the
-    # norm of Qwen's token embeddings. The CTC head is cosine-based, so the ctc stage leaves the
-    # norm free (~75 vs ~0.5 for text), and frames 150x louder than text derail the frozen LLM.
-    match_embedding_norm: bool = True
-    # sampling weight of a real recording against a synthetic one (1: uniform over items). Real
-    # speech is 454 of 12,550 training items; weighting it up shows the model more real voices
-    real_weight: float = 1.0
-    # decay of an exponential moving average of the trained weights (0: none). Held-out WER swings
-    # by several points from one evaluation to the next; evaluating and shipping the average
-    # (as wenet's checkpoint averaging does, but without keeping checkpoints) smooths that out
-    ema: float = 0.0
-    eval_every: int = 250
-    eval_items: int = 101  # held-out real prompts to decode at each evaluation
-    # which of them: "test" (the prompts the card reports) or "validation" (data built with
-    # ``--validation``: choosing steps and settings on it leaves the test prompts unread)
-    eval_split: str = "test"
-    seed: int = 0
-    threads: int = 2
-
-    def __post_init__(self) -> None:
-        if self.stage not in ("ctc", "joint"):
-            raise ValueError(f"stage must be ctc or joint, got {self.stage!r}")
-        if not self.real_weight > 0:
-            raise ValueError(f"real_weight must be > 0, got {self.real_weight}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
-        if not (0.0 <= self.time_mask < 1.0 and 0.0 <= self.feature_mask < 1.0):
-            raise ValueError(f"time_mask and feature_mask must be in [0, 1), got {self.time_mask}, {self.feature_mask}")
-        if self.eval_split not in ("test", "validation"):
-            raise ValueError(f"eval_split must be test or validation, got {self.eval_split!r}")
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> RunConfig:
-        return cls(**json.loads(path.read_text()))
-
-
-class CTCHead(nn.Module):
-    """CTC over a subset of the LLM's vocabulary, tied to its frozen input embeddings."""
-
-    def __init__(self, embeddings: torch.Tensor, vocab: list[int]) -> None:
-        super().__init__()
-        self.register_buffer("vocab", torch.tensor(vocab, dtype=torch.long))
-        self.register_buffer("table", F.normalize(embeddings[vocab].float(), dim=-1))  # (V, d), frozen
-        self.blank = nn.Parameter(torch.randn(embeddings.shape[1]) * 0.02)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(16.0)))
-        self.index = {t: i + 1 for i, t in enumerate(vocab)}  # 0 is the blank
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (B, L, d) -> log-probs (B, L, 1 + V)."""
-        table = torch.cat([F.normalize(self.blank, dim=-1)[None], self.table])
-        logits = self.log_scale.exp() * F.normalize(h.float(), dim=-1) @ table.T
-        return logits.log_softmax(-1)
-
-    def targets(self, ids: list[int]) -> list[int]:
-        return [self.index[t] for t in ids if t in self.index]  # unseen types cannot be emitted
-
-    def greedy(self, logp: torch.Tensor, length: int) -> list[int]:
-        best = logp[:length].argmax(-1).tolist()
-        out, prev = [], 0
-        for b in best:
-            if b != prev and b != 0:
-                out.append(int(self.vocab[b - 1]))
-            prev = b
-        return out
+__all__ = ["Trainer", "load_base_llm", "overlay_state_dict"]
 
 
 def load_base_llm(base: Path, dtype: torch.dtype) -> nn.Module:
     """The frozen Qwen2.5-0.5B from a prepared osum-mini directory."""
     from safetensors import safe_open
 
-    from ..loading import _params_on_meta
+    from ..loading import params_on_meta
     from ..model import build_llm
 
     cfg = OsumConfig.load(base / "config.json")
-    with _params_on_meta():
+    with params_on_meta():
         llm = build_llm(cfg)
     with safe_open(str(base / "base.safetensors"), "pt") as f:
         sd = {k[4:]: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith("llm.")}  # noqa: SIM118
@@ -332,70 +237,14 @@ class Trainer:
         return m.speech_llama_proj(h), lengths
 
     def _ctc_loss(self, speech: torch.Tensor, lengths: torch.Tensor, items: list[dict]) -> torch.Tensor:
-        logp = self.ctc(speech)  # (B, L, 1 + V)
-        targets = [self.ctc.targets(self.tok.encode(it["text"], add_special_tokens=False)) for it in items]
-        flat = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=self.device)
-        tl = torch.tensor([len(t) for t in targets], device=self.device)
-        loss = F.ctc_loss(logp.transpose(0, 1), flat, lengths, tl, blank=0, reduction="sum", zero_infinity=True)
-        return loss / tl.sum().clamp(min=1)
+        return ctc_loss(self.ctc, speech, lengths, [self.tok.encode(it["text"], add_special_tokens=False) for it in items])
 
     def _targets(self, item: dict) -> tuple[list[int], list[int]]:
-        """(prompt ids, target ids) for a sampled task: ASR+X, transcript then tag, then eos."""
-        from ..inference import slot_ids
-
-        names, weights = zip(*self.cfg.tasks.items())
-        tagged = [(n, w) for n, w in zip(names, weights) if get_task(n).tags]
-        plain = [(n, w) for n, w in zip(names, weights) if not get_task(n).tags]
-        if item["id"].startswith("real/") and self.cfg.real_weight != 1.0 and tagged and plain:
-            # real recordings come real_weight times as often for their voices, not for their tags
-            # (the one real speaker is female: weighting her tags up would teach "real = female"):
-            # a tagged task with 1/real_weight of its usual chance, so as many tagged examples as before
-            p_tag = min(1.0, sum(w for _, w in tagged) / sum(weights) / self.cfg.real_weight)
-            names, weights = zip(*(tagged if self.rng.random() < p_tag else plain))
-        task = get_task(self.rng.choices(names, weights)[0])
-        target = self.tok.encode(item["text"], add_special_tokens=False)
-        for slot, kind in enumerate(task.tags):
-            target += slot_ids(self.tok, task, slot, item[kind])
-        return self.tok.encode(task.prompt, add_special_tokens=False), target + [self.model.cfg.eos_token_id]
+        """(prompt ids, target ids) for a task drawn for ``item`` (:func:`asr_x_example`)."""
+        return asr_x_example(self.tok, item, self.cfg.tasks, self.cfg.real_weight, self.rng, self.model.cfg.eos_token_id)
 
     def _llm_loss(self, speech: torch.Tensor, lengths: torch.Tensor, items: list[dict]) -> torch.Tensor:
-        """Mean cross-entropy of the ASR+X targets through the LLM: [prompt, speech-begin, speech,
-        speech-end, targets] per row, as :meth:`OsumModel.splice` lays it out. Rows that share a
-        prompt (a task) run the prompt once and share its keys and values (~1/5 of the tokens of a
-        batch of 8 otherwise); the rest of each row is spliced after it. Same loss as splicing
-        each row whole."""
-        pairs = [self._targets(it) for it in items]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for b, (prompt, _) in enumerate(pairs):
-            groups.setdefault(tuple(prompt), []).append(b)
-        hidden, labels = [], []
-        for prompt, rows in groups.items():
-            targets = [pairs[b][1] for b in rows]
-            hidden.append(self._shared_prompt_hidden(list(prompt), speech[rows], lengths[rows], targets))
-            labels += [t for ts in targets for t in ts]
-        logits = self.model.llm.lm_head(torch.cat(hidden)).float()  # one pass over the 152k-word output layer
-        return F.cross_entropy(logits, torch.tensor(labels, device=self.device))
-
-    def _shared_prompt_hidden(self, prompt: list[int], speech: torch.Tensor, lengths: torch.Tensor,
-                              targets: list[list[int]]) -> torch.Tensor:  # fmt: skip
-        """The LLM's last hidden states at the positions that predict ``targets`` (all rows'
-        in order, (n, d)), for rows that share ``prompt``."""
-        from ..decoding import _new_cache
-
-        m, dev = self.model, self.device
-        llm, G, P = m.llm, len(targets), len(prompt)
-        kv = _new_cache(llm)
-        llm.model(inputs_embeds=llm.get_input_embeddings()(torch.tensor([prompt], device=dev)),
-                  position_ids=torch.arange(P, device=dev)[None], cache=kv, use_cache=True)  # fmt: skip
-        kv.batch_repeat_interleave(G)  # (1, ...) -> (G, ...), gradients summed back into the one prompt pass
-        rest = m.splice([[] for _ in range(G)], speech, lengths, targets)  # [speech-begin, speech, speech-end, targets]
-        mask = torch.cat([rest.attention_mask.new_ones(G, P), rest.attention_mask], dim=1)
-        hidden = llm.model(inputs_embeds=rest.embeds, attention_mask=mask, position_ids=rest.position_ids + P,
-                           cache=kv, use_cache=True).last_hidden_state  # fmt: skip
-        S = hidden.shape[1]  # rows end at S: each row's targets are its last len(t) positions
-        rows = [b for b, t in enumerate(targets) for _ in t]
-        cols = [c for t in targets for c in range(S - len(t) - 1, S - 1)]
-        return hidden[torch.tensor(rows), torch.tensor(cols)]
+        return llm_loss(self.model, speech, lengths, [self._targets(it) for it in items])
 
     # ---- loop -------------------------------------------------------------------------
 
@@ -557,18 +406,8 @@ def main() -> None:
     ap.add_argument("--reset-best", action="store_true",
                     help="forget the best held-out WER so far (after changing eval_items: the old figure is on other prompts)")
     args = ap.parse_args()
-    root = cache_dir()
     src = args.config or (args.run / "config.json")
-    cfg = RunConfig.load(src) if src.is_file() else RunConfig()
-    defaults = {"data": str(root / "train" / "data"), "feats": str(root / "train" / "feats"), "base": str(root / "osum-mini")}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if not getattr(cfg, k)})
-    # a relative data or feats directory names a sibling of the default ones (a variant data set)
-    cfg = dataclasses.replace(cfg, **{k: str(root / "train" / getattr(cfg, k)) for k in ("data", "feats")
-                                      if not Path(getattr(cfg, k)).is_absolute()})  # fmt: skip
-    if cfg.init and cfg.init.endswith(".safetensors"):  # shipped weights: a path from here (or ~)
-        cfg = dataclasses.replace(cfg, init=str(Path(cfg.init).expanduser().resolve()))
-    elif cfg.init and not Path(cfg.init).is_absolute():  # a run name: a sibling of this run
-        cfg = dataclasses.replace(cfg, init=str(args.run.parent / cfg.init))
+    cfg = (RunConfig.load(src) if src.is_file() else RunConfig()).resolved(args.run, cache_dir())
     trainer = Trainer(args.run, cfg)
     if args.reset_best:
         trainer.best_wer = float("inf")
