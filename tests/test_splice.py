@@ -40,12 +40,13 @@ def test_cuts_fall_in_quiet_gaps_and_never_inside_running_speech() -> None:
 @pytest.mark.skipif(not ASTERISK.is_dir(), reason="asterisk-core-sounds-en-wav")
 def test_splices_cut_at_valid_points_keep_text_with_audio_and_avoid_held_out_sentences() -> None:
     from osum.audio import trim_silence
-    from osum.train.data import _read_wav, normalize, training_prompts
+    from osum.train.data import normalize, training_prompts
+    from osum.train.voices import read_wav
 
     prompts = [p for p in training_prompts() if 2 <= len(p.text.split()) <= 8][:30]
     aligned = {}
     for p in prompts:  # evenly spread word times stand in for the aligner's
-        x = _read_wav(str(p.path))
+        x = read_wav(str(p.path))
         words = p.text.split()
         step = x.size / SR / len(words)
         times = [(w, k * step, (k + 1) * step) for k, w in enumerate(words)]
@@ -61,7 +62,7 @@ def test_splices_cut_at_valid_points_keep_text_with_audio_and_avoid_held_out_sen
             entry = aligned[by_path[src].name]
             i, j = entry["cuts"].index(a), entry["cuts"].index(b)
             assert i < j and text == " ".join(w for w, _, _ in entry["words"][i:j])
-            pieces.append(trim_silence(_read_wav(src)[int(a * SR) : int(b * SR)]).size)
+            pieces.append(trim_silence(read_wav(src)[int(a * SR) : int(b * SR)]).size)
         assert it["text"] == " ".join(it["texts"])
         audio = splice_audio(it)
         expected = (sum(pieces) + sum(int(g * SR) for g in it["gaps"])) / it["speed"]
@@ -78,12 +79,12 @@ def test_splices_cut_at_valid_points_keep_text_with_audio_and_avoid_held_out_sen
 def test_build_augments_only_the_splices_in_its_range_reproducibly(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import soundfile as sf
 
-    from osum.train import data
+    from osum.train import data, voices
 
     prompts = [p for p in data.training_prompts() if 2 <= len(p.text.split()) <= 8][:12]
     aligned = {}
     for p in prompts:
-        x = data._read_wav(str(p.path))
+        x = voices.read_wav(str(p.path))
         words = p.text.split()
         step = x.size / SR / len(words)
         times = [(w, k * step, (k + 1) * step) for k, w in enumerate(words)]

@@ -361,7 +361,8 @@ def test_real_variants_keep_test_prompts_out_and_text_with_audio() -> None:
     import numpy as np
 
     from osum.audio import trim_silence
-    from osum.train.data import MAX_JOINED_S, _derived_audio, _read_wav, is_test, normalize, real_prompts, real_variants
+    from osum.train.data import MAX_JOINED_S, _derived_audio, is_test, normalize, real_prompts, real_variants
+    from osum.train.voices import read_wav
 
     prompts = real_prompts()
     test_texts = {normalize(p.text) for p in prompts if is_test(p)}
@@ -373,7 +374,7 @@ def test_real_variants_keep_test_prompts_out_and_text_with_audio() -> None:
         for src in it["sources"]:
             assert not is_test(by_path[src]) and normalize(by_path[src].text) not in test_texts
     speed = next(it for it in items if it["speed"] == 1.1)
-    original = _read_wav(speed["sources"][0])
+    original = read_wav(speed["sources"][0])
     assert abs(_derived_audio(dict(speed)).size - original.size / 1.1) <= 2  # faster: fewer samples
     joins = [it for it in items if it["id"].startswith("real/join/")]
     lengths, cut = [], 0
@@ -385,7 +386,7 @@ def test_real_variants_keep_test_prompts_out_and_text_with_audio() -> None:
         assert it["sources"] == original["sources"][:kept] and kept >= 2  # a prefix, at least a pair
         assert it["text"] == " ".join(by_path[s].text for s in it["sources"])
         assert len(it["gaps"]) == kept - 1
-        trimmed = [trim_silence(_read_wav(s)).size for s in original["sources"]]
+        trimmed = [trim_silence(read_wav(s)).size for s in original["sources"]]
         parts = sum(trimmed[:kept]) + sum(int(g * 16000) for g in it["gaps"])
         assert abs(audio.size - parts / it["speed"]) <= 2
         assert kept == 2 or audio.size <= MAX_JOINED_S * 16000  # only a pair may run past the limit

@@ -52,7 +52,8 @@ import torch
 from ..audio import load_audio
 from ..errors import AudioTooLongError
 from ..loading import MINI_OVERLAY, cache_dir, load_base_with_overlay
-from .data import VOICES, RealPrompt, is_test, normalize, real_prompts, training_prompts
+from .data import RealPrompt, is_test, normalize, real_prompts, training_prompts
+from .voices import VOICES
 from .metrics import capped_wer, exact_count, missed_words, wer
 
 __all__ = ["environment", "gender_sets", "rss_bytes", "tts_clips", "unshared", "main"]
@@ -99,10 +100,10 @@ def unshared(tests: list[RealPrompt], prompts: list[RealPrompt]) -> list[int]:
 
 def tts_clips(tests: list[RealPrompt], voice: str) -> list[tuple[RealPrompt, np.ndarray]]:
     """Each held-out prompt's sentence spoken by the synthetic training ``voice``
-    (:data:`osum.train.data.VOICES`), clean (no augmentation), at the rate and pitch drawn from
+    (:data:`osum.train.voices.VOICES`), clean (no augmentation), at the rate and pitch drawn from
     the prompt's name, so the same prompt sounds the same in every run. The data recipe keeps
     these sentences out of the synthetic corpus; a prompt with no words (a silence file) has none."""
-    from .data import synthesize
+    from .voices import synthesize
 
     return [(p, synthesize(p.text, voice, random.Random(f"tts/{p.name}"))) for p in tests if normalize(p.text)]
 

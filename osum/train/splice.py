@@ -77,7 +77,7 @@ def align_prompts(prompts: list, base_dir: Path, out: Path, say=print) -> dict[s
 
     from ..audio import log_mel
     from ..timing import WordAligner
-    from .data import _read_wav
+    from .voices import read_wav
     from .features import load_encoder
 
     done: dict[str, dict] = json.loads(out.read_text()) if out.is_file() else {}
@@ -90,7 +90,7 @@ def align_prompts(prompts: list, base_dir: Path, out: Path, say=print) -> dict[s
     enc = load_encoder(base_dir)
     with torch.inference_mode():
         for k, p in enumerate(todo):
-            x = _read_wav(str(p.path))
+            x = read_wav(str(p.path))
             if x.size >= 30 * SAMPLE_RATE:  # past the encoder's window: not spliced
                 done[p.name] = {"words": [], "cuts": []}
                 continue
@@ -148,14 +148,14 @@ def splice_audio(item: dict) -> np.ndarray:
     import hashlib
 
     from ..audio import resample
-    from .data import _read_wav
+    from .voices import read_wav
 
     dither = np.random.default_rng(int(hashlib.sha1(item["id"].encode()).hexdigest()[:8], 16))
     fade = int(FADE_S * SAMPLE_RATE)
     ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
     pieces = []
     for k, (src, (a, b)) in enumerate(zip(item["sources"], item["spans"])):
-        x = _read_wav(src)[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)]
+        x = read_wav(src)[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)]
         x = trim_silence(x).copy()
         if x.size > 2 * fade:
             x[:fade] *= ramp
