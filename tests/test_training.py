@@ -725,3 +725,20 @@ def test_run_config_paths_resolve_as_the_command_line_reads_them(tmp_path: Path,
     cfg = RunConfig(init="osum/weights/osum-mini.safetensors").resolved(run, root)
     assert cfg.init == str(tmp_path / "osum" / "weights" / "osum-mini.safetensors")  # from where the command runs
     assert RunConfig(init="/abs/r0").resolved(run, root).init == "/abs/r0"
+
+
+def test_the_trainer_reads_cached_features_from_mapped_shards(tmp_path: Path) -> None:
+    """The feature cache is mapped, not copied: a training process holds a few GB less of its own."""
+    from osum.train import features
+
+    out = tmp_path / "feats"
+    out.mkdir()
+    shard = {f"x/{i}": torch.randn(50 + i, 8).half() for i in range(3)}
+    torch.save(shard, out / "feats.0.pt")
+    mapped, copied = features.load_features(out), features.load_features(out, mmap=False)
+    assert set(mapped) == set(copied) == set(shard)
+    for k, v in shard.items():
+        assert torch.equal(mapped[k], v) and torch.equal(copied[k], v)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(out / "feats.0.pt") in maps  # the shard is mapped into this process
+    del mapped, copied
