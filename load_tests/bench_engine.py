@@ -37,8 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from osum.audio import load_audio
-from osum.audio import trim_silence
+from osum.audio import load_audio, trim_silence
 from streaming.engine import Engine, EngineOptions
 from streaming.events import Analysis, Final, Partial, SpeechEnded
 from streaming.session_base import SessionConfig
@@ -181,7 +180,7 @@ def breakdown(model: object, cfg: SessionConfig, repeats: int = 3) -> None:
     """The final pass's parts on one real utterance with an idle worker, and the floor they
     put under "end of speech to Final" (best of ``repeats``)."""
     from osum.audio import log_mel
-    from osum.inference import _pad_mels
+    from osum.inference import pad_mels
     from streaming.drafts import budget, verify_and_decode
 
     audio = clips()[0]
@@ -196,7 +195,7 @@ def breakdown(model: object, cfg: SessionConfig, repeats: int = 3) -> None:
         return min(times), out
 
     with torch.inference_mode():
-        mel, lengths = _pad_mels([log_mel(audio)])
+        mel, lengths = pad_mels([log_mel(audio)])
         enc, (speech, n) = best(lambda: model.encode_speech(mel, lengths))  # type: ignore[attr-defined]
         speech = speech[0, : int(n[0])]
         limit = budget(seconds, 200)

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import InvalidConfigError
 from .model import SplicedInputs
 
-__all__ = ["DecodingOptions", "Hypothesis", "first_loop_cut", "generate", "loop_cut", "score_continuations"]
+__all__ = ["DecodingOptions", "Hypothesis", "first_loop_cut", "generate", "llm_step", "loop_cut", "new_cache", "score_continuations"]
 
 # A runaway loop: one n-gram (n <= 32 tokens) repeated at least 4 times in a row over at least
 # 16 tokens ("decimal, decimal, ..."; a single token 16 times; two alternating menu lines,
@@ -98,7 +98,8 @@ class Hypothesis:
     finished: bool = True  # False: stopped by max_new_tokens
 
 
-def _new_cache(llm: nn.Module) -> object:
+def new_cache(llm: nn.Module) -> object:
+    """An empty key/value cache for ``llm`` (transformers' ``DynamicCache``)."""
     from transformers import DynamicCache
 
     return DynamicCache(config=llm.config)
@@ -118,7 +119,7 @@ def _prefill(llm: nn.Module, inputs: SplicedInputs, cache: object) -> torch.Tens
 
 
 @torch.inference_mode()
-def _step(llm: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object) -> torch.Tensor:
+def llm_step(llm: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object) -> torch.Tensor:
     """Feed (N, t) tokens at (N, t) positions; returns logits (N, t, V) in fp32."""
     out = llm(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return out.logits.float()
@@ -178,7 +179,7 @@ def _greedy_or_sample(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOption
     B = inputs.embeds.shape[0]
     dev = inputs.embeds.device
     gen = torch.Generator(device=dev).manual_seed(opt.seed) if opt.sample else None
-    cache = _new_cache(llm)
+    cache = new_cache(llm)
     logits = _prefill(llm, inputs, cache)
     mask, pos = inputs.attention_mask, inputs.position_ids[:, -1:]
     hyps = [Hypothesis([], 0.0, finished=False) for _ in range(B)]
@@ -215,7 +216,7 @@ def _greedy_or_sample(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOption
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         pos = pos + 1
-        logits = _step(llm, tok[:, None], mask, pos, cache)[:, -1]
+        logits = llm_step(llm, tok[:, None], mask, pos, cache)[:, -1]
     return hyps
 
 
@@ -231,7 +232,7 @@ def _beam(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOptions, eos_id: i
     B, K = inputs.embeds.shape[0], opt.beam_size
     dev = inputs.embeds.device
     gen = torch.Generator(device=dev).manual_seed(opt.seed) if opt.sample else None
-    cache = _new_cache(llm)
+    cache = new_cache(llm)
     logits = _prefill(llm, inputs, cache).repeat_interleave(K, dim=0)  # (B*K, V)
     cache.batch_repeat_interleave(K)  # type: ignore[attr-defined]
     mask = inputs.attention_mask.repeat_interleave(K, dim=0)
@@ -289,7 +290,7 @@ def _beam(llm: nn.Module, inputs: SplicedInputs, opt: DecodingOptions, eos_id: i
         tok = torch.tensor([h.tokens[-1] if h.tokens else eos_id for h in seqs], device=dev)
         mask = torch.cat([mask, mask.new_ones(B * K, 1)], dim=1)
         pos = pos + 1
-        logits = _step(llm, tok[:, None], mask, pos, cache)[:, -1]
+        logits = llm_step(llm, tok[:, None], mask, pos, cache)[:, -1]
     out = []
     for b in range(B):
         if not beams[b].done:  # nothing reached eos: best running beam, marked unfinished
@@ -317,7 +318,7 @@ def score_continuations(llm: nn.Module, inputs: SplicedInputs, candidates: list[
     if len(candidates) != B or any(not c or not all(c) for c in candidates):
         raise ValueError("each row needs at least one non-empty candidate")
     dev = inputs.embeds.device
-    cache = _new_cache(llm)
+    cache = new_cache(llm)
     first = F.log_softmax(_prefill(llm, inputs, cache), dim=-1)  # (B, V)
     N = max(len(c) for c in candidates)
     L = max(len(s) for c in candidates for s in c)
@@ -331,7 +332,7 @@ def score_continuations(llm: nn.Module, inputs: SplicedInputs, candidates: list[
         mask = inputs.attention_mask.repeat_interleave(N, dim=0)
         mask = torch.cat([mask, mask.new_ones(B * N, L - 1)], dim=1)
         pos = inputs.position_ids[:, -1:].repeat_interleave(N, dim=0) + torch.arange(1, L, device=dev)[None]
-        logits = _step(llm, toks[:, :-1], mask, pos, cache)  # (B*N, L-1, V)
+        logits = llm_step(llm, toks[:, :-1], mask, pos, cache)  # (B*N, L-1, V)
         rest = F.log_softmax(logits, dim=-1).gather(2, toks[:, 1:, None])[..., 0]
         lp = torch.cat([lp, rest], dim=1)
     valid = torch.arange(L, device=dev)[None] < lens[:, None]

@@ -21,7 +21,7 @@ from .model import OsumModel
 from .tasks import LABELS, ParsedOutput, Tag, Task, get_task, parse_output
 from .timing import require_aligner
 
-__all__ = ["Result", "features", "recognize", "resolve_task", "slot_ids"]
+__all__ = ["Result", "features", "pad_mels", "recognize", "resolve_task", "slot_ids"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def slot_ids(tokenizer: Any, task: Task, slot: int, label: str) -> list[int]:
     return tokenizer.encode(f"{sep}<{label}>", add_special_tokens=False)
 
 
-def _pad_mels(mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_mels(mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_mels, T_i) log-mels -> a zero-padded batch (B, n_mels, T) and the lengths (B,)."""
     T = max(m.shape[1] for m in mels)
     batch = torch.zeros(len(mels), mels[0].shape[0], T)
     for i, m in enumerate(mels):

@@ -52,7 +52,7 @@ from .engine import Engine, EngineOptions
 from .scheduler import SchedulerOptions
 from .store import InMemoryStore, RedisStore, SessionStore
 
-__all__ = ["main", "run"]
+__all__ = ["die_with_parent", "main", "run"]
 
 log = logging.getLogger("osum.serve")
 
@@ -75,7 +75,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(d, ensure_ascii=False)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: on Linux, get SIGTERM when the server dies, even by
     ``kill -9``, so that a private redis-server is never left behind (elsewhere: no-op)."""
     if sys.platform.startswith("linux"):
@@ -108,7 +108,7 @@ class PrivateRedis:
         self.proc = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(self.sock),
              "--unixsocketperm", "700", "--dir", str(self.dir), "--save", "", "--appendonly", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )  # fmt: skip
         for _ in range(250):
             if self.sock.exists():

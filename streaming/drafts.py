@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from osum.attention import rows_singly_from
-from osum.decoding import _new_cache, _step, first_loop_cut, loop_cut
+from osum.decoding import first_loop_cut, llm_step, loop_cut, new_cache
 from osum.model import OsumModel, stack_speech
 from osum.tasks import get_task
 
@@ -78,7 +78,7 @@ def partial_on_cache(
     table = llm.get_input_embeddings()
     new_speech = new_speech.to(dt)
     if kv is None:
-        kv = _new_cache(llm)
+        kv = new_cache(llm)
         prompt = table(torch.tensor(task_prompt(model, "asr"), device=dev))
         new_speech = torch.cat([prompt, begin[None], new_speech])
     if new_speech.shape[0]:
@@ -136,7 +136,7 @@ def verify_and_decode_batch(
     batch, lengths = stack_speech(speech)
     inputs = model.splice([task_prompt(model, "asr")] * B, batch, lengths, prefixes)
     P = max(len(p) for p in prefixes)
-    kv = _new_cache(model.llm)
+    kv = new_cache(model.llm)
     out = model.llm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
                     cache=kv, use_cache=True, logits_to_keep=P + 1)  # fmt: skip
     logp = out.logits.float().log_softmax(-1)  # (B, P + 1, V): window index j is position S - P - 1 + j
@@ -170,7 +170,7 @@ def verify_and_decode_batch(
                     live[b] = False
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         pos = pos + 1
-        step = _step(model.llm, torch.tensor([[t] for t in nxt], device=dev), mask, pos, kv)[:, -1].log_softmax(-1)
+        step = llm_step(model.llm, torch.tensor([[t] for t in nxt], device=dev), mask, pos, kv)[:, -1].log_softmax(-1)
         best = step.max(-1)
         nxt, nxt_lp = best.indices.tolist(), best.values.tolist()
         live = [live[b] and len(results[b][0]) < max_tokens[b] and nxt[b] != eos for b in range(B)]
@@ -191,7 +191,7 @@ def verify_and_decode(
     eos = model.cfg.eos_token_id
     prefix = forced + draft
     inputs = model.splice([task_prompt(model, "asr")], speech[None], torch.tensor([speech.shape[0]]), [prefix])
-    kv = _new_cache(model.llm)
+    kv = new_cache(model.llm)
     # logits at position p predict token p + 1: only the last len(prefix) + 1 positions matter.
     # The prefix's attention rows one by one, as token-by-token decoding computes them (with the
     # int8 LLM's "osum_rows" attention; elsewhere a no-op): the Final is then offline's, bit for bit
@@ -216,7 +216,7 @@ def verify_and_decode(
             break
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         pos += 1
-        step = _step(model.llm, torch.tensor([[nxt]], device=model.device), mask,
+        step = llm_step(model.llm, torch.tensor([[nxt]], device=model.device), mask,
                      torch.tensor([[pos]], device=model.device), kv)[0, -1].log_softmax(-1)  # fmt: skip
         nxt, nxt_lp = int(step.argmax()), float(step.max())
     return tokens, lps, verified

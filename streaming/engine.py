@@ -39,7 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-
 from osum.timing import require_aligner
 
 from .errors import OverCapacityError, SessionLimitError, SessionNotFoundError, ShuttingDownError, StateUnavailableError

@@ -77,10 +77,10 @@ class _Worker:
         self.deaths: list[float] = []
 
     def start(self) -> None:
-        from .app import _die_with_parent
+        from .app import die_with_parent
 
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True, env=self.env,
-                                     preexec_fn=_die_with_parent)  # fmt: skip
+                                     preexec_fn=die_with_parent)  # fmt: skip
 
     def wait_listening(self, deadline: float) -> dict:
         """The worker's "listening" line (it prints nothing else on stdout)."""

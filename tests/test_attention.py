@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from osum.attention import ROWS, rows_singly_from
-from osum.decoding import _new_cache
+from osum.decoding import new_cache
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,11 @@ def _one_pass_and_steps(llm, embeds: torch.Tensor, first: int, rows: bool) -> tu
     ``embeds[:first]`` then one position a call; and both caches' keys."""
     n = embeds.shape[1]
     with torch.inference_mode():
-        kv = _new_cache(llm)
+        kv = new_cache(llm)
         with rows_singly_from(first) if rows else contextlib.nullcontext():
             one = llm(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long), position_ids=torch.arange(n)[None],
                       cache=kv, use_cache=True, logits_to_keep=n - first + 1).logits[0]  # fmt: skip
-        kv2 = _new_cache(llm)
+        kv2 = new_cache(llm)
         steps = [llm(inputs_embeds=embeds[:, :first], attention_mask=torch.ones(1, first, dtype=torch.long),
                      position_ids=torch.arange(first)[None], cache=kv2, use_cache=True, logits_to_keep=1).logits[0, -1]]  # fmt: skip
         for p in range(first, n):

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from osum.audio import log_mel
 from osum.decoding import DecodingOptions, generate, score_continuations
 from osum.errors import InvalidConfigError
-from osum.inference import _pad_mels
+from osum.inference import pad_mels
 from osum.tasks import get_task
 
 SHORT = DecodingOptions(max_new_tokens=12)
 
 
 def _inputs(model, clips: list[np.ndarray], text: list[list[int]] | None = None):  # type: ignore[no-untyped-def]
-    mel, lengths = _pad_mels([log_mel(c) for c in clips])
+    mel, lengths = pad_mels([log_mel(c) for c in clips])
     speech, speech_len = model.encode_speech(mel, lengths)
     prompt = model.tokenizer.encode(get_task("ser").prompt, add_special_tokens=False)
     return model.splice([prompt] * len(clips), speech, speech_len, text)

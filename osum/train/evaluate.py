@@ -53,8 +53,8 @@ from ..audio import load_audio
 from ..errors import AudioTooLongError
 from ..loading import MINI_OVERLAY, cache_dir, load_base_with_overlay
 from .data import RealPrompt, is_test, normalize, real_prompts, training_prompts
-from .voices import VOICES
 from .metrics import capped_wer, exact_count, missed_words, wer
+from .voices import VOICES
 
 __all__ = ["environment", "gender_sets", "rss_bytes", "tts_clips", "unshared", "main"]
 

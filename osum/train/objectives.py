@@ -113,11 +113,11 @@ def shared_prompt_hidden(model: OsumModel, prompt: list[int], speech: torch.Tens
                          targets: list[list[int]]) -> torch.Tensor:  # fmt: skip
     """The LLM's last hidden states at the positions that predict ``targets`` (all rows' in
     order, (n, d)), for rows of ``speech`` that share ``prompt``."""
-    from ..decoding import _new_cache
+    from ..decoding import new_cache
 
     dev = speech.device
     llm, G, P = model.llm, len(targets), len(prompt)
-    kv = _new_cache(llm)
+    kv = new_cache(llm)
     llm.model(inputs_embeds=llm.get_input_embeddings()(torch.tensor([prompt], device=dev)),
               position_ids=torch.arange(P, device=dev)[None], cache=kv, use_cache=True)  # fmt: skip
     kv.batch_repeat_interleave(G)  # (1, ...) -> (G, ...), gradients summed back into the one prompt pass

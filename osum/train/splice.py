@@ -77,8 +77,8 @@ def align_prompts(prompts: list, base_dir: Path, out: Path, say=print) -> dict[s
 
     from ..audio import log_mel
     from ..timing import WordAligner
-    from .voices import read_wav
     from .features import load_encoder
+    from .voices import read_wav
 
     done: dict[str, dict] = json.loads(out.read_text()) if out.is_file() else {}
     todo = [p for p in prompts if p.name not in done]
