@@ -20,7 +20,6 @@ a batch each token keeps that precision instead of sharing the widest row's rang
 
 from __future__ import annotations
 
-import gc
 import warnings
 
 import torch
@@ -39,22 +38,25 @@ class TokenInt8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        from torch.ao.nn.quantized.modules.utils import _quantize_weight
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        float_linear = nn.Linear(self.in_features, self.out_features, bias=False)
-        float_linear.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
-        float_linear.qconfig = per_channel_dynamic_qconfig
+        weight = linear.weight.detach().float()  # (out, in)
         with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated for torchao, still supported
             warnings.simplefilter("ignore")
-            # no bias inside: the bias is added after the per-token rescaling
-            self.q = DynamicLinear.from_float(float_linear)
+            # what torch.ao's dynamic Linear.from_float does (int8, a symmetric scale per output
+            # channel), without the throwaway float layer and the two extra packings it makes
+            # (a third of the load time of osum-mini's 169 layers went on those)
+            observer = per_channel_dynamic_qconfig.weight()
+            observer(weight)
+            qweight = _quantize_weight(weight, observer)
+        # no bias inside: the bias is added after the per-token rescaling
+        self.packed = torch.ops.quantized.linear_prepack(qweight, None)  # fbgemm's packed int8 weights
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.register_buffer("bias", bias)
         # W @ 1 with the int8 weights as dequantised: the term a row's offset contributes
-        self.register_buffer("row_sums", self.q.weight().dequantize().sum(-1))  # (out,)
-        self.packed = self.q._packed_params._packed_params  # fbgemm's packed int8 weights
+        self.register_buffer("row_sums", qweight.dequantize().sum(-1))  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # per-call Python overhead matters (a decode step makes 169 of these calls): attribute
@@ -76,7 +78,7 @@ class TokenInt8Linear(nn.Module):
 
 def quantize_linears(module: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` under ``module`` by :class:`TokenInt8Linear`, one at a time
-    (the float weights of each are freed before the next is converted)."""
+    (the float weights of each are freed, by reference counting, before the next is converted)."""
     def swap(parent: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
@@ -85,5 +87,4 @@ def quantize_linears(module: nn.Module) -> nn.Module:
                 swap(child)
 
     swap(module)
-    gc.collect()
     return module

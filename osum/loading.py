@@ -283,10 +283,20 @@ def describe_card(card: dict | None) -> str:
             f"{m['prompts']} real prompts), gender {m['gender_macro']:.1%} macro, measured {m['date']}")  # fmt: skip
 
 
+# the initialisers modules call on their parameters as they are built: skipped for meta tensors
+_INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+          "xavier_normal_", "zeros_", "ones_", "constant_")  # fmt: skip
+
+
 @contextlib.contextmanager
 def params_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init); buffers stay real."""
+    """Create parameters on the meta device (no memory, no init); buffers stay real.
+
+    The initialisers of ``torch.nn.init`` leave meta tensors alone meanwhile: initialising one
+    does nothing, but the first call costs a second of importing torch's meta kernels (osum-mini's
+    load, 2026-12-07)."""
     original = nn.Module.register_parameter
+    inits = {name: getattr(nn.init, name) for name in _INITS}
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
@@ -295,11 +305,21 @@ def params_on_meta() -> Iterator[None]:
             assert p is not None
             module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
+    def skipping(init: Any) -> Any:
+        def call(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+        return call
+
     nn.Module.register_parameter = register  # type: ignore[method-assign]
+    for name, init in inits.items():
+        setattr(nn.init, name, skipping(init))
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for name, init in inits.items():
+            setattr(nn.init, name, init)
 
 
 def build_with_weights(cfg: OsumConfig, sd: dict[str, torch.Tensor], source: str) -> OsumModel:

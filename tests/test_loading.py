@@ -160,3 +160,15 @@ def test_the_name_osum_resolves_in_the_cache(release, tiny_model, tmp_path: Path
     shutil.rmtree(tmp_path / "osum")
     save_model(tiny_model, tmp_path / "osum")  # an imported model directory
     assert load_model("osum").cfg == tiny_model.cfg
+
+
+def test_building_on_meta_skips_initialisers_for_meta_tensors_only() -> None:
+    from osum.loading import params_on_meta
+
+    normal = torch.nn.init.normal_
+    with params_on_meta():
+        layer = torch.nn.Linear(4, 3)
+        real = torch.nn.init.normal_(torch.zeros(1000))  # a buffer a module fills: still filled
+    assert layer.weight.is_meta and layer.bias.is_meta
+    assert 0.8 < float(real.std()) < 1.2
+    assert torch.nn.init.normal_ is normal  # put back
