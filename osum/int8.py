@@ -55,8 +55,11 @@ class TokenInt8Linear(nn.Module):
         self.packed = torch.ops.quantized.linear_prepack(qweight, None)  # fbgemm's packed int8 weights
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.register_buffer("bias", bias)
-        # W @ 1 with the int8 weights as dequantised: the term a row's offset contributes
-        self.register_buffer("row_sums", qweight.dequantize().sum(-1))  # (out,)
+        # W @ 1 with the int8 weights as dequantised: the term a row's offset contributes. In
+        # blocks of rows, so that the output layer (151,936 x 896) is never whole in fp32 a
+        # second time while it loads (each row's sum is the same bits either way)
+        self.register_buffer("row_sums", torch.cat([qweight[i : i + 4096].dequantize().sum(-1)
+                                                    for i in range(0, self.out_features, 4096)]))  # (out,) # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # per-call Python overhead matters (a decode step makes 169 of these calls): attribute

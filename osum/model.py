@@ -127,9 +127,10 @@ class OsumModel(nn.Module):
         use_row_attention(llm)
         for layer in llm.model.layers:
             quantize_linears(layer.float())
+        # the output layer before the embedding table: never both in fp32 at once (0.27 GB of the peak)
+        llm.lm_head = TokenInt8Linear(llm.lm_head.float())
         for part in (llm.model.embed_tokens, llm.model.norm, llm.model.rotary_emb):
             part.float()
-        llm.lm_head = TokenInt8Linear(llm.lm_head.float())  # the output layer
         self.quantized = "int8"
         _malloc_trim()  # hand the freed float weights back to the OS (glibc keeps them otherwise)
         return self

@@ -126,6 +126,7 @@ def load_osum_checkpoint(checkpoint: str | Path, llm_dir: str | Path, device: st
     sd = _read_torch_file(checkpoint)
     cfg = _config_from_checkpoint(sd, _llm_config(llm_dir))
     model = build_with_weights(cfg, convert_osum_state_dict(sd, cfg.lora_scale), str(checkpoint))
+    del sd  # the model holds what it needs: not the unconverted originals while place() moves it
     model.tokenizer = load_tokenizer(llm_dir)
     return model.place(device, quantize)
 
