@@ -55,8 +55,8 @@ def load_features(root: Path, data: Path | None = None, mmap: bool = True) -> di
     batch reads come from the OS's file cache, which it can drop and read again under memory
     pressure, instead of the whole cache being copied into the process's own memory, and a
     second process reading the same cache shares those pages (2.2 GB of shards, every tensor
-    read once: 150 MB of anonymous memory mapped, 2,346 MB copied; 2026-12-07). The shards must stay in place while
-    the tensors are in use (:func:`cache_features` only ever adds new ones)."""
+    read once: 150 MB of anonymous memory mapped, 2,346 MB copied; 2026-12-07). The shards
+    must stay in place while the tensors are in use (:func:`cache_features` only adds new ones)."""
     if data is not None:
         check_source(root, data)
     feats: dict[str, torch.Tensor] = {}
