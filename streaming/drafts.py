@@ -217,6 +217,6 @@ def verify_and_decode(
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         pos += 1
         step = llm_step(model.llm, torch.tensor([[nxt]], device=model.device), mask,
-                     torch.tensor([[pos]], device=model.device), kv)[0, -1].log_softmax(-1)  # fmt: skip
+                        torch.tensor([[pos]], device=model.device), kv)[0, -1].log_softmax(-1)  # fmt: skip
         nxt, nxt_lp = int(step.argmax()), float(step.max())
     return tokens, lps, verified
